@@ -1,0 +1,1 @@
+"""Pure recommendation code: encoder, profile updates, interest, ranking. No I/O."""

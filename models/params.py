@@ -1,0 +1,36 @@
+"""Parameters of profile updates and ranking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Decay rates, weights and ranking knobs.
+
+    Vector updates are exponential moving averages: a click of weight ``w`` moves a vector by
+    ``alpha_w = 1 - (1 - alpha) ** w`` toward the clicked item's vector.
+    """
+
+    long_alpha: float = 0.08  # long-term vector: slow, shared across scenes
+    short_alpha: float = 0.35  # short-term vector: fast, follows the session
+    scene_alpha: float = 0.25  # per-scene vectors
+    query_short_alpha: float = 0.6  # a typed query moves the short-term interest strongly
+    query_long_alpha: float = 0.02
+    click_weight: float = 1.0
+    query_weight: float = 1.0
+    dwell_full_s: float = 30.0  # dwell at or above this counts as a full-weight click
+    category_decay: float = 0.9  # interest logits decay by this per unit of feedback
+    interest_temperature: float = 1.0  # softmax temperature of the interest distribution
+    w_long: float = 0.35  # mix of the ranking query vector
+    w_short: float = 0.65
+    w_scene: float = 0.8
+    w_interest: float = 0.15  # boost by the interest probability of the item's category
+    w_scene_item: float = 0.03  # boost for items offered in the request's scene
+    diversity: float = 0.02  # penalty per item of the same category already in the list
+    oversample: int = 4  # candidates fetched per slot in the list
+    history_size: int = 50
+    explain_clicks: int = 5  # recent clicks kept (with vectors) for explanations
+    explain_queries: int = 3
+    reason_min_similarity: float = 0.35

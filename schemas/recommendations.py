@@ -1,0 +1,45 @@
+"""Recommendation requests in, recommendation lists out."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import faust
+
+
+class RecommendationRequest(faust.Record, namespace="streamrec.v1.RecommendationRequest", validation=True):
+    """Ask for a list from the user's current profile; the profile is not changed."""
+
+    request_id: str
+    user_id: str
+    timestamp: float
+    k: Optional[int] = None
+    scene: Optional[str] = None
+    categories: list[str] = []  # only items of these categories; empty: any
+    exclude: list[str] = []  # item ids never to return
+
+
+class RecommendedItem(faust.Record, namespace="streamrec.v1.RecommendedItem"):
+    """One ranked item with its score and a short human-readable reason."""
+
+    item_id: str
+    score: float
+    reason: str
+    title: str = ""
+    category: str = ""
+
+
+class Recommendations(faust.Record, namespace="streamrec.v1.Recommendations"):
+    """The list produced after one input event (or request), keyed by user_id."""
+
+    user_id: str
+    trigger_event_id: str
+    trigger_type: str  # click, query or request
+    items: list[RecommendedItem]
+    model_version: str
+    encoder: str
+    event_time: float
+    produced_time: float
+    scene: Optional[str] = None
+    cold_start: bool = False
+    duplicate: bool = False  # the trigger event had been applied before (redelivery)

@@ -1,0 +1,80 @@
+"""The Faust app: topics and thin agents over :class:`streams.pipeline.Pipeline`.
+
+Agents consume raw bytes in micro-batches with ``noack_take`` (so a failure never acks an event),
+hand them to the pipeline, publish what it returns, wait for the broker to confirm, and only
+then ack. Every agent runs with concurrency 1: each user's events are handled in order by the
+one worker that owns the user's partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Optional, Sequence
+
+import faust
+
+from streams.pipeline import Output, Pipeline, RawMessage
+from streams.retry import Backoff, retry_forever
+from workers.settings import Settings
+
+log = logging.getLogger("streamrec.agents")
+
+
+def broker_urls(settings: Settings) -> list[str]:
+    """Faust broker URLs from the bootstrap list."""
+    return [f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",") if h.strip()]
+
+
+def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust.App:
+    """Build the Faust app. ``pipeline`` may be ``None`` only to inspect the app (``faust -A``)."""
+    app = faust.App(
+        settings.app_id,
+        broker=broker_urls(settings),
+        store="memory://",
+        web_enabled=False,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+    def topic(name: str) -> faust.TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    events, catalog, requests = topic(settings.topic_events), topic(settings.topic_catalog), topic(settings.topic_requests)
+    recommendations, deadletter = topic(settings.topic_recommendations), topic(settings.topic_deadletter)
+    backoff = Backoff(base_s=0.1, cap_s=5.0)
+
+    async def publish(out: Output) -> None:
+        futures = []
+        for key, value in out.recommendations:
+            futures.append(await recommendations.send(key=key, value=value))
+        for key, value in out.dead_letters:
+            futures.append(await deadletter.send(key=key, value=value))
+        if futures:
+            await asyncio.gather(*futures)
+
+    def consume(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]]):
+        async def agent(stream: faust.StreamT) -> None:
+            async for batch in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
+                raw = [RawMessage(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key,
+                                  ev.message.value) for ev in batch]
+                out = await retry_forever(lambda: process(raw), backoff, what=f"{name} batch", log=log)
+                await retry_forever(lambda: publish(out), backoff, what=f"{name} publish", log=log)
+                for ev in batch:
+                    await stream.ack(ev)
+                await retry_forever(lambda: pipeline.profiles.incr_stats(out.stats), backoff, what="stats", log=log)
+        agent.__name__ = name
+        return agent
+
+    if pipeline is not None:
+        app.agent(catalog, name="catalog", concurrency=1)(consume("catalog", pipeline.process_catalog))
+        app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events))
+        app.agent(requests, name="requests", concurrency=1)(consume("requests", pipeline.process_requests))
+    return app

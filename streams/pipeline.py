@@ -1,0 +1,384 @@
+"""What the agents do with a micro-batch, apart from Kafka: decode, update profiles, rank, and
+build the messages to publish. Agents feed it raw messages and publish what it returns, then ack.
+
+Everything here is idempotent: running a batch again (after a crash, or a retry) applies no
+event twice; it only publishes its recommendations again (marked ``duplicate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import time
+from collections import OrderedDict
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from models.params import ModelParams
+from models.profile import Profile, apply_click, apply_query, click_strength, query_vector
+from models.ranking import Candidate, Ranked, cold_start, rank
+from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, ItemUpsert, Limits, Query,
+                     RecommendationRequest, RecommendedItem, Recommendations, parse_catalog, parse_event,
+                     parse_request)
+from schemas.validate import to_wire
+from streams.stores.items import ItemIndex, ItemRow
+from streams.stores.profiles import ConflictError, PopularityUpdate, ProfileStore
+
+MODEL_VERSION = "streamrec-1"
+
+
+@dataclass
+class RawMessage:
+    """A message as consumed: where it came from and its bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: Optional[bytes]
+    value: Optional[bytes]
+
+
+@dataclass
+class Output:
+    """Messages to publish, keyed: recommendations and dead letters."""
+
+    recommendations: list[tuple[bytes, bytes]] = field(default_factory=list)
+    dead_letters: list[tuple[Optional[bytes], bytes]] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.stats[name] = self.stats.get(name, 0) + n
+
+
+class ItemCache:
+    """Recently used items (with vectors), bounded in size and age."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size, self.ttl, self.clock = size, ttl_s, clock
+        self._d: OrderedDict[str, tuple[float, Candidate]] = OrderedDict()
+
+    def get(self, item_id: str) -> Optional[Candidate]:
+        hit = self._d.get(item_id)
+        if hit is None or self.clock() - hit[0] > self.ttl:
+            return None
+        self._d.move_to_end(item_id)
+        return hit[1]
+
+    def put(self, c: Candidate) -> None:
+        if self.size <= 0:
+            return
+        self._d[c.item_id] = (self.clock(), c)
+        self._d.move_to_end(c.item_id)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def drop(self, item_id: str) -> None:
+        self._d.pop(item_id, None)
+
+
+class _SeenView:
+    """The seen set as it was right after one event of a batch."""
+
+    __slots__ = ("base", "added")
+
+    def __init__(self, base: set[str], added: frozenset[str]) -> None:
+        self.base, self.added = base, added
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.added or item in self.base
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.added)
+
+
+@dataclass
+class _Answer:
+    """A list to produce: for an event (after applying it) or a request."""
+
+    user_id: str
+    trigger_id: str
+    trigger_type: str
+    scene: Optional[str]
+    event_time: float
+    k: int
+    profile: Profile  # a snapshot
+    duplicate: bool = False
+    exclude: frozenset[str] = frozenset()
+    only_categories: tuple[str, ...] = ()
+    vector: Optional[np.ndarray] = None
+
+
+class Pipeline:
+    """The stream processing core, bound to its stores and encoder.
+
+    Args:
+        profiles: the profile store.
+        items: the item index.
+        encoder: any object with ``encode(texts) -> (n, dim) array`` and ``version``.
+        params: model parameters.
+        limits: input limits.
+        k: default list length.
+        item_cache: cache of items with vectors.
+        executor: where blocking calls (encoder, item index) run.
+        clock: wall clock for produced times and the future-timestamp check.
+    """
+
+    def __init__(self, profiles: ProfileStore, items: ItemIndex, encoder: Any, params: ModelParams,
+                 limits: Limits, k: int = 10, item_cache: Optional[ItemCache] = None,
+                 executor: Optional[Executor] = None, clock: Callable[[], float] = time.time) -> None:
+        self.profiles, self.items, self.encoder = profiles, items, encoder
+        self.params, self.limits, self.k = params, limits, k
+        self.cache = item_cache or ItemCache(50_000, 60.0)
+        self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="streamrec-io")
+        self._encode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-encode")
+        self.clock = clock
+
+    async def _run(self, fn: Callable, *args: Any, encoder: bool = False) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._encode_executor if encoder else self.executor, fn, *args)
+
+    # -- catalog -------------------------------------------------------------------------------
+
+    async def process_catalog(self, batch: Sequence[RawMessage]) -> Output:
+        """Encode and index upserted items, remove deleted ones."""
+        out = Output()
+        now = self.clock()
+        last: dict[str, ItemUpsert | ItemDelete] = {}
+        for m in batch:
+            try:
+                rec = parse_catalog(m.value, self.limits, now)
+            except InvalidMessage as exc:
+                out.dead_letters.append(self.dead_letter(m, exc.error, exc.reason))
+                continue
+            last.pop(rec.item_id, None)
+            last[rec.item_id] = rec  # the last operation on an item wins
+        upserts = [r for r in last.values() if isinstance(r, ItemUpsert)]
+        deletes = [r for r in last.values() if isinstance(r, ItemDelete)]
+        if upserts:
+            vectors = await self._run(self.encoder.encode, [r.text() for r in upserts], encoder=True)
+            rows = [ItemRow(r.item_id, v, r.title, r.category, tuple(r.scenes), r.available, r.timestamp)
+                    for r, v in zip(upserts, vectors)]
+            await self._run(self.items.upsert, rows)
+            await self.profiles.add_items([(r.item_id, r.timestamp, r.category) for r in upserts if r.available])
+            unavailable = [r.item_id for r in upserts if not r.available]
+            if unavailable:
+                await self.profiles.remove_items(unavailable, ())
+            out.count("items_upserted", len(upserts))
+        if deletes:
+            ids = [r.item_id for r in deletes]
+            await self._run(self.items.delete, ids)
+            await self.profiles.remove_items(ids, ())
+            out.count("items_deleted", len(deletes))
+        for item_id in last:
+            self.cache.drop(item_id)
+        out.count("dead_letters", len(out.dead_letters))
+        return out
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def process_events(self, batch: Sequence[RawMessage]) -> Output:
+        """Apply clicks and queries to profiles and produce one list per valid event."""
+        out = Output()
+        now = self.clock()
+        events: list[tuple[RawMessage, Click | Query | ForgetUser]] = []
+        for m in batch:
+            try:
+                events.append((m, parse_event(m.value, self.limits, now)))
+            except InvalidMessage as exc:
+                out.dead_letters.append(self.dead_letter(m, exc.error, exc.reason))
+        out.count("events_in", len(batch))
+
+        items = await self.fetch_items([e.item_id for _, e in events if isinstance(e, Click)])
+        valid: list[Click | Query | ForgetUser] = []
+        for m, e in events:
+            if isinstance(e, Click) and e.item_id not in items:
+                out.dead_letters.append(self.dead_letter(m, "unknown_item", f"item {e.item_id!r} is not in the catalog"))
+            else:
+                valid.append(e)
+        queries = [e for e in valid if isinstance(e, Query)]
+        qvecs = await self._run(self.encoder.encode, [q.text for q in queries], encoder=True) if queries else []
+        query_vectors = {q.event_id: v for q, v in zip(queries, qvecs)}
+
+        by_user: dict[str, list] = {}
+        for e in valid:
+            by_user.setdefault(e.user_id, []).append(e)
+        answers: dict[str, list[_Answer]] = {}
+        pops: list[PopularityUpdate] = []
+        for attempt in range(8):
+            pending = [u for u in by_user if u not in answers]
+            if not pending:
+                break
+            profiles = await self.profiles.load(pending)
+            done = await self.profiles.applied([(u, e.event_id) for u in pending for e in by_user[u]])
+            flags = iter(done)
+            for u in pending:
+                user_events = by_user[u]
+                applied_before = {e.event_id for e in user_events if next(flags)}
+                try:
+                    answers[u], user_pops, n_applied, n_dup = await self._apply_user(
+                        profiles[u], user_events, applied_before, items, query_vectors)
+                except ConflictError:
+                    continue  # another writer: read again
+                pops += user_pops
+                out.count("events_applied", n_applied)
+                out.count("duplicates", n_dup)
+        else:
+            raise ConflictError(f"profiles of {len(by_user) - len(answers)} users kept changing during the batch")
+        await self.profiles.bump_popularity(pops)
+
+        flat = [a for u in by_user for a in answers[u] if a is not None]
+        for rec in await self.answer(flat):
+            out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
+        out.count("recommendations_out", len(out.recommendations))
+        out.count("dead_letters", len(out.dead_letters))
+        return out
+
+    async def _apply_user(self, profile: Profile, user_events: list, applied_before: set[str],
+                          items: dict[str, Candidate], query_vectors: dict[str, np.ndarray]):
+        """Apply one user's events in order; commit; return the lists to produce."""
+        p = self.params
+        answers: list[Optional[_Answer]] = []
+        pops: list[PopularityUpdate] = []
+        base_seen = set(profile.seen)
+        expected = profile.version
+        added: list[str] = []
+        applied_ids: list[str] = []
+        seen_in_batch: set[str] = set()
+        n_dup = 0
+        for e in user_events:
+            duplicate = e.event_id in applied_before or e.event_id in seen_in_batch
+            seen_in_batch.add(e.event_id)
+            if isinstance(e, ForgetUser):
+                if applied_ids:
+                    await self.profiles.commit(profile, expected, added, applied_ids)
+                await self.profiles.forget(e.user_id)
+                profile, expected, base_seen, added, applied_ids = Profile(user_id=e.user_id), 0, set(), [], []
+                answers.append(None)  # a forgotten user gets no list
+                continue
+            if duplicate:
+                n_dup += 1
+            elif isinstance(e, Click):
+                it = items[e.item_id]
+                apply_click(profile, it.item_id, it.vector, it.title, it.category, e.scene,
+                            click_strength(e.weight, e.dwell_s, p), e.event_id, e.timestamp, p)
+                if it.item_id not in base_seen:
+                    added.append(it.item_id)
+                pops.append(PopularityUpdate(it.item_id, e.scene, e.timestamp, e.weight))
+                applied_ids.append(e.event_id)
+            else:
+                apply_query(profile, e.text, query_vectors[e.event_id], e.scene, e.event_id, e.timestamp, p)
+                applied_ids.append(e.event_id)
+            snap = copy.copy(profile)
+            snap.interest = dict(profile.interest)
+            snap.explainers = list(profile.explainers)
+            snap.seen = _SeenView(base_seen, frozenset(added))  # type: ignore[assignment]
+            answers.append(_Answer(e.user_id, e.event_id, "click" if isinstance(e, Click) else "query", e.scene,
+                                   e.timestamp, self.k, snap, duplicate=duplicate))
+        if applied_ids:
+            await self.profiles.commit(profile, expected, added, applied_ids)
+        return answers, pops, len(applied_ids), n_dup
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def process_requests(self, batch: Sequence[RawMessage]) -> Output:
+        """Answer recommendation requests from current profiles, changing nothing."""
+        out = Output()
+        now = self.clock()
+        reqs: list[RecommendationRequest] = []
+        for m in batch:
+            try:
+                reqs.append(parse_request(m.value, self.limits, now))
+            except InvalidMessage as exc:
+                out.dead_letters.append(self.dead_letter(m, exc.error, exc.reason))
+        profiles = await self.profiles.load([r.user_id for r in reqs]) if reqs else {}
+        answers = [_Answer(r.user_id, r.request_id, "request", r.scene, r.timestamp, r.k or self.k,
+                           profiles[r.user_id], exclude=frozenset(r.exclude), only_categories=tuple(r.categories))
+                   for r in reqs]
+        for rec in await self.answer(answers):
+            out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
+        out.count("requests_answered", len(out.recommendations))
+        out.count("dead_letters", len(out.dead_letters))
+        return out
+
+    # -- shared --------------------------------------------------------------------------------
+
+    async def fetch_items(self, item_ids: Sequence[str]) -> dict[str, Candidate]:
+        """Items with vectors, from the cache or the index."""
+        found: dict[str, Candidate] = {}
+        missing = []
+        for i in dict.fromkeys(item_ids):
+            c = self.cache.get(i)
+            if c is None:
+                missing.append(i)
+            else:
+                found[i] = c
+        if missing:
+            for i, c in (await self._run(self.items.get, missing)).items():
+                self.cache.put(c)
+                found[i] = c
+        return found
+
+    async def answer(self, answers: Sequence[_Answer]) -> list[Recommendations]:
+        """Rank a list for each answer: one batched search for all personalised ones, the
+        cold-start list (popularity, then newest) for the rest and to fill short lists."""
+        if not answers:
+            return []
+        p = self.params
+        n_categories = await self.profiles.category_count()
+        for a in answers:
+            a.vector = query_vector(a.profile, a.scene, p)
+        warm = [a for a in answers if a.vector is not None]
+        results: dict[int, list[Candidate]] = {}
+        buckets: dict[int, list[int]] = {}
+        for i, a in enumerate(answers):
+            if a.vector is not None:
+                need = a.k * p.oversample + len(a.profile.seen) + len(a.exclude)
+                buckets.setdefault(1 << max(need - 1, 1).bit_length(), []).append(i)
+        for limit, idx in buckets.items():
+            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit)
+            for i, h in zip(idx, hits):
+                results[i] = h
+        pool_size = max(a.k for a in answers) * 2 + max(len(a.exclude) for a in answers)
+        cold_pools: dict[Optional[str], tuple[list[Candidate], list[Candidate]]] = {}
+        produced: list[Recommendations] = []
+        for i, a in enumerate(answers):
+            ranked: list[Ranked] = []
+            if a.vector is not None:
+                ranked = rank(a.profile, results.get(i, []), a.k, a.scene, n_categories, p,
+                              exclude=a.exclude, only_categories=a.only_categories)
+            if len(ranked) < a.k:
+                if a.scene not in cold_pools:
+                    cold_pools[a.scene] = await self._cold_pool(a.scene, pool_size + len(a.profile.seen))
+                popular, newest = cold_pools[a.scene]
+                taken = {r.item_id for r in ranked}
+                fill = cold_start(popular, newest, a.k - len(ranked), exclude=a.exclude | taken,
+                                  only_categories=a.only_categories)
+                ranked += [r for r in fill if r.item_id not in a.profile.seen]
+            produced.append(Recommendations(
+                user_id=a.user_id, trigger_event_id=a.trigger_id, trigger_type=a.trigger_type,
+                items=[RecommendedItem(item_id=r.item_id, score=r.score, reason=r.reason, title=r.title,
+                                       category=r.category) for r in ranked[: a.k]],
+                model_version=MODEL_VERSION, encoder=self.encoder.version, event_time=a.event_time,
+                produced_time=self.clock(), scene=a.scene, cold_start=a.vector is None, duplicate=a.duplicate))
+        return produced
+
+    async def _cold_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], list[Candidate]]:
+        popular = await self.profiles.popular(scene, n)
+        newest = await self.profiles.newest(n)
+        meta = await self.fetch_items([i for i, _ in popular] + [i for i, _ in newest])
+        def pool(rows: list[tuple[str, float]]) -> list[Candidate]:
+            return [Candidate(i, s, None, meta[i].title, meta[i].category) for i, s in rows if i in meta]
+        return pool(popular), pool(newest)
+
+    def dead_letter(self, m: RawMessage, error: str, reason: str) -> tuple[Optional[bytes], bytes]:
+        """A dead-letter message for ``m``, keyed like the original."""
+        rec = DeadLetter(source_topic=m.topic, partition=m.partition, offset=m.offset,
+                         value_b64=base64.b64encode(m.value or b"").decode(), error=error, reason=reason,
+                         produced_time=self.clock(),
+                         key_b64=base64.b64encode(m.key).decode() if m.key is not None else None)
+        return m.key, json.dumps(to_wire(rec)).encode()

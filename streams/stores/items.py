@@ -1,0 +1,114 @@
+"""The item index: item vectors and attributes, searched by cosine similarity.
+
+``open_item_index(uri)`` picks the implementation: ``http(s)://host:port`` or a ``.db`` file
+(Milvus: standalone, cluster or Milvus Lite), ``memory://`` (numpy, for unit tests and trials).
+Methods are synchronous; agents call them in an executor.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from models.ranking import Candidate
+
+
+@dataclass
+class ItemRow:
+    item_id: str
+    vector: np.ndarray
+    title: str = ""
+    category: str = ""
+    scenes: Sequence[str] = field(default_factory=tuple)
+    available: bool = True
+    timestamp: float = 0.0
+
+
+class ItemIndex(abc.ABC):
+    """Where item vectors live."""
+
+    dim: int
+
+    @abc.abstractmethod
+    def upsert(self, rows: Sequence[ItemRow]) -> None:
+        """Insert or replace items (by ``item_id``)."""
+
+    @abc.abstractmethod
+    def delete(self, item_ids: Sequence[str]) -> None:
+        """Remove items; unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def get(self, item_ids: Sequence[str]) -> dict[str, Candidate]:
+        """The stored items among ``item_ids``, with vectors (similarity 0)."""
+
+    @abc.abstractmethod
+    def search(self, vectors: np.ndarray, limit: int) -> list[list[Candidate]]:
+        """For each row of ``vectors`` (shape ``(n, dim)``, unit length), the ``limit`` available
+        items of highest cosine similarity, best first, with their vectors."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Items stored."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def describe(self) -> dict:
+        """Implementation and version, for summaries."""
+        return {"item_index": type(self).__name__}
+
+
+class MemoryItemIndex(ItemIndex):
+    """Exact search over a numpy matrix."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._rows: dict[str, ItemRow] = {}
+
+    def upsert(self, rows: Sequence[ItemRow]) -> None:
+        for r in rows:
+            self._rows[r.item_id] = r
+
+    def delete(self, item_ids: Sequence[str]) -> None:
+        for i in item_ids:
+            self._rows.pop(i, None)
+
+    def get(self, item_ids: Sequence[str]) -> dict[str, Candidate]:
+        return {i: _candidate(self._rows[i], 0.0) for i in item_ids if i in self._rows}
+
+    def search(self, vectors: np.ndarray, limit: int) -> list[list[Candidate]]:
+        rows = [r for r in self._rows.values() if r.available]
+        if not rows or len(vectors) == 0:
+            return [[] for _ in range(len(vectors))]
+        matrix = np.stack([r.vector for r in rows])  # (items, dim)
+        sims = np.asarray(vectors, dtype=np.float32) @ matrix.T  # (n, items)
+        out = []
+        for row in sims:
+            order = np.lexsort((np.array([r.item_id for r in rows]), -row))[:limit]
+            out.append([_candidate(rows[j], float(row[j])) for j in order])
+        return out
+
+    def count(self) -> int:
+        return len(self._rows)
+
+
+def _candidate(r: ItemRow, similarity: float) -> Candidate:
+    return Candidate(r.item_id, similarity, r.vector, r.title, r.category, tuple(r.scenes))
+
+
+def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", token: str = "",
+                    consistency: str = "Strong") -> ItemIndex:
+    """The item index at ``uri`` for vectors of ``dim`` dimensions."""
+    if uri.startswith("memory://"):
+        return MemoryItemIndex(dim)
+    if uri.startswith(("http://", "https://", "tcp://", "unix:")) or uri.endswith(".db"):
+        from streams.stores.milvus_items import MilvusItemIndex
+
+        return MilvusItemIndex(uri, dim, collection, token=token, consistency=consistency)
+    raise ValueError(f"no item index for URI {uri!r} (use http(s)://host:port, a .db file, or memory://)")
+
+
+__all__ = ["ItemIndex", "ItemRow", "MemoryItemIndex", "open_item_index", "Optional"]

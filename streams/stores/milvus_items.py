@@ -1,0 +1,102 @@
+"""The Milvus item index (Milvus standalone or cluster by URI and token; Milvus Lite by a ``.db``
+path or its gRPC server)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from models.ranking import Candidate
+from streams.stores.items import ItemIndex, ItemRow
+
+_OUT = ["title", "category", "scenes", "vector"]
+MAX_SCENES = 64
+
+
+class MilvusItemIndex(ItemIndex):
+    """One collection: ``item_id`` (primary key), ``vector`` (COSINE), title, category, scenes,
+    availability and timestamp. The collection is created on first use; a collection of another
+    dimension is an error (vectors of two encoders must never be mixed)."""
+
+    def __init__(self, uri: str, dim: int, collection: str, token: str = "", consistency: str = "Strong") -> None:
+        from pymilvus import MilvusClient
+
+        self.uri = uri
+        self.dim = dim
+        self.collection = collection
+        self.consistency = consistency
+        self.client = MilvusClient(uri=uri, token=token)
+        self._ensure()
+
+    def _ensure(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        c = self.client
+        if c.has_collection(self.collection):
+            fields = {f["name"]: f for f in c.describe_collection(self.collection)["fields"]}
+            have = int(fields["vector"]["params"]["dim"])
+            if have != self.dim:
+                raise ValueError(f"collection {self.collection!r} holds {have}-dim vectors, the encoder makes "
+                                 f"{self.dim}: use another collection for another encoder")
+            c.load_collection(self.collection)
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=512)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("title", DataType.VARCHAR, max_length=8192)
+        schema.add_field("category", DataType.VARCHAR, max_length=1024)
+        schema.add_field("scenes", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_SCENES,
+                         max_length=1024)
+        schema.add_field("available", DataType.BOOL)
+        schema.add_field("ts", DataType.DOUBLE)
+        index = c.prepare_index_params()
+        index.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="COSINE")
+        c.create_collection(self.collection, schema=schema, index_params=index, consistency_level=self.consistency)
+
+    def upsert(self, rows: Sequence[ItemRow]) -> None:
+        if not rows:
+            return
+        data = [{"item_id": r.item_id, "vector": np.asarray(r.vector, dtype=np.float32).tolist(),
+                 "title": r.title[:8000], "category": r.category[:1000], "scenes": list(r.scenes)[:MAX_SCENES],
+                 "available": bool(r.available), "ts": float(r.timestamp)} for r in rows]
+        self.client.upsert(self.collection, data)
+
+    def delete(self, item_ids: Sequence[str]) -> None:
+        if item_ids:
+            self.client.delete(self.collection, ids=list(item_ids))
+
+    def get(self, item_ids: Sequence[str]) -> dict[str, Candidate]:
+        if not item_ids:
+            return {}
+        rows = self.client.get(self.collection, ids=list(dict.fromkeys(item_ids)), output_fields=_OUT)
+        return {r["item_id"]: _candidate(r["item_id"], 0.0, r) for r in rows}
+
+    def search(self, vectors: np.ndarray, limit: int) -> list[list[Candidate]]:
+        if len(vectors) == 0:
+            return []
+        limit = max(1, min(limit, 16_384))
+        hits = self.client.search(self.collection, data=np.asarray(vectors, dtype=np.float32).tolist(),
+                                  limit=limit, filter="available == true", output_fields=_OUT,
+                                  consistency_level=self.consistency)
+        return [[_candidate(h["item_id"], float(h["distance"]), h["entity"]) for h in row] for row in hits]
+
+    def count(self) -> int:
+        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"],
+                                 consistency_level="Strong")
+        return int(rows[0]["count(*)"])
+
+    def describe(self) -> dict:
+        try:
+            version = self.client.get_server_version()
+        except Exception:  # noqa: BLE001 - a version is informative only
+            version = "unknown"
+        return {"item_index": "milvus", "milvus_version": version}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _candidate(item_id: str, similarity: float, e: dict) -> Candidate:
+    return Candidate(item_id, similarity, np.asarray(e["vector"], dtype=np.float32), e.get("title", ""),
+                     e.get("category", ""), tuple(e.get("scenes") or ()))

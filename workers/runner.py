@@ -1,0 +1,136 @@
+"""Driving a worker from outside, as the demo, the benchmark and the integration tests do: start it
+as a process, publish events, wait for its answers on the output topic."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from streams.stores.eventlog import KafkaEventLog, LogRecord, all_topics
+from workers.settings import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``STREAMREC_*`` variables that reproduce ``settings`` in a child process."""
+    env = {}
+    for name, value in settings:
+        key = "STREAMREC_" + name.upper()
+        if hasattr(value, "get_secret_value"):
+            env[key] = value.get_secret_value()
+        elif hasattr(value, "__dataclass_fields__"):
+            for sub in value.__dataclass_fields__:
+                env[f"{key}__{sub.upper()}"] = str(getattr(value, sub))
+        else:
+            env[key] = str(value)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """A ``streamrec worker`` child process."""
+
+    settings: Settings
+    log_path: Path
+    proc: Optional[subprocess.Popen] = None
+    extra_env: dict = field(default_factory=dict)
+
+    def start(self) -> "WorkerProcess":
+        env = {**os.environ, **settings_env(self.settings), **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "--loglevel", "warning"],
+                                     stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                     cwd=str(Path(__file__).resolve().parent.parent))
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def encode_line(obj: dict) -> tuple[Optional[bytes], bytes]:
+    """(key, value) for an input object: keyed by user_id (events, requests) or item_id (catalog)."""
+    key = obj.get("user_id") if obj.get("type") in ("click", "query", "forget", "request") else obj.get("item_id")
+    return (str(key).encode() if key is not None else None), json.dumps(obj, ensure_ascii=False).encode()
+
+
+def topic_for(settings: Settings, obj: dict) -> str:
+    kind = obj.get("type")
+    if kind in ("item", "item_delete"):
+        return settings.topic_catalog
+    if kind == "request":
+        return settings.topic_requests
+    return settings.topic_events
+
+
+def wait_stat(profiles_sync, prefix: str, name: str, target: int, timeout_s: float,
+              worker: Optional[WorkerProcess] = None) -> int:
+    """Wait until the worker's counter ``name`` reaches ``target`` (a deadline, no fixed sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    value = 0
+    while time.monotonic() < deadline:
+        value = int(profiles_sync.hget(f"{prefix}:stats", name) or 0)
+        if value >= target:
+            return value
+        if worker is not None and not worker.alive():
+            raise RuntimeError(f"worker exited:\n{worker.log_tail()}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+    raise TimeoutError(f"counter {name} is {value} after {timeout_s:.0f} s, expected {target}"
+                       + (f"\nworker log:\n{worker.log_tail()}" if worker else ""))
+
+
+def read_outputs(log: KafkaEventLog, topic: str, want: Iterable[str], timeout_s: float,
+                 worker: Optional[WorkerProcess] = None) -> dict[str, list[dict]]:
+    """Read recommendation messages until every trigger id in ``want`` has one; returns all
+    messages by trigger id."""
+    want = set(want)
+    got: dict[str, list[dict]] = {}
+    missing = set(want)
+
+    def until(batch: list[LogRecord]) -> bool:
+        for r in batch[until.n:]:
+            msg = json.loads(r.value)
+            got.setdefault(msg["trigger_event_id"], []).append(msg)
+            missing.discard(msg["trigger_event_id"])
+        until.n = len(batch)
+        if worker is not None and not worker.alive():
+            raise RuntimeError(f"worker exited:\n{worker.log_tail()}")
+        return not missing
+
+    until.n = 0
+    log.read(topic, until=until, timeout_s=timeout_s)
+    if missing:
+        raise TimeoutError(f"{len(missing)} of {len(want)} events unanswered after {timeout_s:.0f} s, e.g. "
+                           f"{sorted(missing)[:5]}" + (f"\nworker log:\n{worker.log_tail()}" if worker else ""))
+    return got
+
+
+__all__ = ["WorkerProcess", "settings_env", "encode_line", "topic_for", "wait_stat", "read_outputs",
+           "all_topics"]

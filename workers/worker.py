@@ -1,0 +1,43 @@
+"""The worker process: build the encoder and stores from settings, then run the Faust app."""
+
+from __future__ import annotations
+
+import logging
+
+from schemas import Limits
+from streams.pipeline import ItemCache, Pipeline
+from workers.settings import Settings
+
+log = logging.getLogger("streamrec.worker")
+
+
+def build_pipeline(settings: Settings):
+    """The encoder, the stores and the pipeline over them."""
+    from models.encoder import TextEncoder
+    from streams.stores import open_item_index, open_profile_store
+
+    encoder = TextEncoder(settings.encoder_model, settings.encoder_device, settings.encoder_max_length,
+                          settings.encoder_batch_size, settings.encoder_threads)
+    profiles = open_profile_store(settings.redis_url, settings.key_prefix, dedupe_window=settings.dedupe_window,
+                                  popularity_halflife_s=settings.popularity_halflife_s)
+    items = open_item_index(settings.milvus_uri, encoder.dim, settings.milvus_collection,
+                            settings.milvus_token.get_secret_value(), settings.milvus_consistency)
+    return Pipeline(profiles, items, encoder, settings.model, Limits.from_settings(settings), k=settings.k,
+                    item_cache=ItemCache(settings.item_cache_size, settings.item_cache_ttl_s))
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    """Create the topics, load the encoder, and consume until stopped (SIGTERM or Ctrl-C)."""
+    import faust
+
+    from streams.app import create_app
+    from streams.stores.eventlog import KafkaEventLog, all_topics
+
+    created = KafkaEventLog(settings.kafka_bootstrap).ensure_topics(
+        all_topics(settings), settings.topic_partitions, settings.topic_replication)
+    if created:
+        log.info("created topics %s", created)
+    pipeline = build_pipeline(settings)
+    app = create_app(settings, pipeline)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
