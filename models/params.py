@@ -26,10 +26,12 @@ class ModelParams:
     w_long: float = 0.35  # mix of the ranking query vector
     w_short: float = 0.65
     w_scene: float = 0.8
-    w_interest: float = 0.15  # boost by the interest probability of the item's category
+    w_intent: float = 1.0  # weight of the last query while its intent is fresh
+    intent_decay: float = 0.5  # the intent's strength is multiplied by this at every later click
+    w_interest: float = 0.1  # boost by the interest probability of the item's category
     w_scene_item: float = 0.03  # boost for items offered in the request's scene
     diversity: float = 0.02  # penalty per item of the same category already in the list
-    oversample: int = 4  # candidates fetched per slot in the list
+    oversample: int = 3  # candidates fetched per slot in the list
     history_size: int = 50
     explain_clicks: int = 5  # recent clicks kept (with vectors) for explanations
     explain_queries: int = 3

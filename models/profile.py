@@ -26,7 +26,8 @@ class Profile:
     """Everything streamrec knows about one user.
 
     ``long``/``short`` are unit vectors in the encoder's space (``None`` before any event);
-    ``scenes`` maps a scene to its own vector; ``interest`` holds decayed logits per category,
+    ``scenes`` maps a scene to its own vector; ``intent`` is the last query, weighted by
+    ``intent_strength``; ``interest`` holds decayed logits per category,
     whose softmax is the interest distribution.
     """
 
@@ -35,6 +36,8 @@ class Profile:
     long: Optional[np.ndarray] = None
     short: Optional[np.ndarray] = None
     scenes: dict[str, np.ndarray] = field(default_factory=dict)
+    intent: Optional[np.ndarray] = None  # the last query's vector
+    intent_strength: float = 0.0  # 1 right after a query, decaying with every later click
     interest: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     explainers: list[Explainer] = field(default_factory=list)
@@ -83,6 +86,7 @@ def apply_click(profile: Profile, item_id: str, item_vector: np.ndarray, title: 
         for c in profile.interest:
             profile.interest[c] *= decay
         profile.interest[category] = profile.interest.get(category, 0.0) + strength
+    profile.intent_strength *= params.intent_decay ** strength
     profile.seen.add(item_id)
     profile.clicks += 1
     _remember(profile, {"type": "click", "item_id": item_id, "event_id": event_id, "scene": scene, "t": timestamp},
@@ -97,6 +101,8 @@ def apply_query(profile: Profile, text: str, query_vector: np.ndarray, scene: Op
     profile.long = _ema(profile.long, query_vector, _rate(params.query_long_alpha, w))
     if scene and scene in profile.scenes:
         profile.scenes[scene] = _ema(profile.scenes[scene], query_vector, _rate(params.query_long_alpha, w))
+    profile.intent = query_vector.astype(np.float32, copy=True)
+    profile.intent_strength = 1.0
     profile.queries += 1
     _remember(profile, {"type": "query", "text": text, "event_id": event_id, "scene": scene, "t": timestamp},
               Explainer("query", text, event_id, query_vector), params)
@@ -132,8 +138,9 @@ def interest_distribution(profile: Profile, categories: int, params: ModelParams
 
 
 def query_vector(profile: Profile, scene: Optional[str], params: ModelParams) -> Optional[np.ndarray]:
-    """The vector candidates are searched with: long- and short-term interest, and the scene's
-    own vector when the user has one (the long-term vector carries what is shared across scenes)."""
+    """The vector candidates are searched with: long- and short-term interest, the scene's own
+    vector when the user has one (the long-term vector carries what is shared across scenes), and
+    the intent of a recent query."""
     parts = []
     if profile.long is not None:
         parts.append(params.w_long * profile.long)
@@ -141,6 +148,8 @@ def query_vector(profile: Profile, scene: Optional[str], params: ModelParams) ->
         parts.append(params.w_short * profile.short)
     if scene and scene in profile.scenes:
         parts.append(params.w_scene * profile.scenes[scene])
+    if profile.intent is not None and profile.intent_strength > 0.01:
+        parts.append(params.w_intent * profile.intent_strength * profile.intent)
     if not parts:
         return None
     v = np.sum(parts, axis=0)

@@ -338,11 +338,17 @@ class Pipeline:
         for i, a in enumerate(answers):
             if a.vector is not None:
                 need = a.k * p.oversample + len(a.profile.seen) + len(a.exclude)
-                buckets.setdefault(1 << max(need - 1, 1).bit_length(), []).append(i)
+                buckets.setdefault(-(-need // 16) * 16, []).append(i)  # few distinct limits: few searches
         for limit, idx in buckets.items():
             hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit)
             for i, h in zip(idx, hits):
                 results[i] = h
+        bare = [c.item_id for hits in results.values() for c in hits if c.vector is None]
+        if bare:
+            known = await self.fetch_items(bare)
+            for i, hits in results.items():
+                results[i] = [Candidate(c.item_id, c.similarity, k.vector, k.title, k.category, k.scenes)
+                              for c in hits if (k := known.get(c.item_id) if c.vector is None else c) is not None]
         pool_size = max(a.k for a in answers) * 2 + max(len(a.exclude) for a in answers)
         cold_pools: dict[Optional[str], tuple[list[Candidate], list[Candidate]]] = {}
         produced: list[Recommendations] = []

@@ -44,7 +44,7 @@ class WorkerProcess:
     def start(self) -> "WorkerProcess":
         env = {**os.environ, **settings_env(self.settings), **self.extra_env, "PYTHONUNBUFFERED": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "--loglevel", "warning"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "--loglevel", os.environ.get("STREAMREC_LOGLEVEL", "warning")],
                                      stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                      cwd=str(Path(__file__).resolve().parent.parent))

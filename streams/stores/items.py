@@ -47,7 +47,8 @@ class ItemIndex(abc.ABC):
     @abc.abstractmethod
     def search(self, vectors: np.ndarray, limit: int) -> list[list[Candidate]]:
         """For each row of ``vectors`` (shape ``(n, dim)``, unit length), the ``limit`` available
-        items of highest cosine similarity, best first, with their vectors."""
+        items of highest cosine similarity, best first. Vectors and attributes may be left out
+        (``vector=None``): :meth:`get` has them."""
 
     @abc.abstractmethod
     def count(self) -> int:

@@ -76,10 +76,12 @@ class MilvusItemIndex(ItemIndex):
         if len(vectors) == 0:
             return []
         limit = max(1, min(limit, 16_384))
+        # Ids and scores only: returning vectors and attributes costs more than the search itself
+        # on Milvus Lite; callers fetch the attributes of the few they keep, through a cache.
         hits = self.client.search(self.collection, data=np.asarray(vectors, dtype=np.float32).tolist(),
-                                  limit=limit, filter="available == true", output_fields=_OUT,
+                                  limit=limit, filter="available == true", output_fields=[],
                                   consistency_level=self.consistency)
-        return [[_candidate(h["item_id"], float(h["distance"]), h["entity"]) for h in row] for row in hits]
+        return [[Candidate(h["item_id"], float(h["distance"])) for h in row] for row in hits]
 
     def count(self) -> int:
         rows = self.client.query(self.collection, filter="", output_fields=["count(*)"],

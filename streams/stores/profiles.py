@@ -99,7 +99,7 @@ def encode_profile(p: Profile) -> dict[str, bytes]:
     """The hash fields of a profile (the seen set and version are kept apart)."""
     meta = {
         "interest": p.interest, "history": p.history, "clicks": p.clicks, "queries": p.queries,
-        "last_time": p.last_time, "scenes": sorted(p.scenes),
+        "last_time": p.last_time, "scenes": sorted(p.scenes), "intent_strength": p.intent_strength,
         "explainers": [{"kind": e.kind, "label": e.label, "ref": e.ref} for e in p.explainers],
     }
     fields = {"meta": json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()}
@@ -107,6 +107,8 @@ def encode_profile(p: Profile) -> dict[str, bytes]:
         fields["long"] = p.long.astype(np.float32).tobytes()
     if p.short is not None:
         fields["short"] = p.short.astype(np.float32).tobytes()
+    if p.intent is not None:
+        fields["intent"] = p.intent.astype(np.float32).tobytes()
     for scene, v in p.scenes.items():
         fields["sc:" + scene] = v.astype(np.float32).tobytes()
     if p.explainers:
@@ -129,6 +131,9 @@ def decode_profile(user_id: str, fields: dict[bytes | str, bytes], seen: Iterabl
         p.long = np.frombuffer(f["long"], dtype=np.float32).copy()
     if "short" in f:
         p.short = np.frombuffer(f["short"], dtype=np.float32).copy()
+    if "intent" in f:
+        p.intent = np.frombuffer(f["intent"], dtype=np.float32).copy()
+        p.intent_strength = float(meta.get("intent_strength", 0.0))
     for scene in meta["scenes"]:
         p.scenes[scene] = np.frombuffer(f["sc:" + scene], dtype=np.float32).copy()
     if meta["explainers"]:
