@@ -332,15 +332,15 @@ class Pipeline:
         n_categories = await self.profiles.category_count()
         for a in answers:
             a.vector = query_vector(a.profile, a.scene, p)
-        warm = [a for a in answers if a.vector is not None]
         results: dict[int, list[Candidate]] = {}
-        buckets: dict[int, list[int]] = {}
+        buckets: dict[tuple[int, tuple[str, ...]], list[int]] = {}
         for i, a in enumerate(answers):
             if a.vector is not None:
                 need = a.k * p.oversample + len(a.profile.seen) + len(a.exclude)
-                buckets.setdefault(-(-need // 16) * 16, []).append(i)  # few distinct limits: few searches
-        for limit, idx in buckets.items():
-            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit)
+                limit = -(-need // 16) * 16  # few distinct limits: few searches
+                buckets.setdefault((limit, a.only_categories), []).append(i)
+        for (limit, only), idx in buckets.items():
+            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only)
             for i, h in zip(idx, hits):
                 results[i] = h
         bare = [c.item_id for hits in results.values() for c in hits if c.vector is None]

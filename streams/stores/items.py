@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -45,10 +45,10 @@ class ItemIndex(abc.ABC):
         """The stored items among ``item_ids``, with vectors (similarity 0)."""
 
     @abc.abstractmethod
-    def search(self, vectors: np.ndarray, limit: int) -> list[list[Candidate]]:
+    def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = ()) -> list[list[Candidate]]:
         """For each row of ``vectors`` (shape ``(n, dim)``, unit length), the ``limit`` available
         items of highest cosine similarity, best first. Vectors and attributes may be left out
-        (``vector=None``): :meth:`get` has them."""
+        (``vector=None``): :meth:`get` has them. ``categories``: only items of these."""
 
     @abc.abstractmethod
     def count(self) -> int:
@@ -80,8 +80,8 @@ class MemoryItemIndex(ItemIndex):
     def get(self, item_ids: Sequence[str]) -> dict[str, Candidate]:
         return {i: _candidate(self._rows[i], 0.0) for i in item_ids if i in self._rows}
 
-    def search(self, vectors: np.ndarray, limit: int) -> list[list[Candidate]]:
-        rows = [r for r in self._rows.values() if r.available]
+    def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = ()) -> list[list[Candidate]]:
+        rows = [r for r in self._rows.values() if r.available and (not categories or r.category in categories)]
         if not rows or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
         matrix = np.stack([r.vector for r in rows])  # (items, dim)
@@ -112,4 +112,4 @@ def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", tok
     raise ValueError(f"no item index for URI {uri!r} (use http(s)://host:port, a .db file, or memory://)")
 
 
-__all__ = ["ItemIndex", "ItemRow", "MemoryItemIndex", "open_item_index", "Optional"]
+__all__ = ["ItemIndex", "ItemRow", "MemoryItemIndex", "open_item_index"]

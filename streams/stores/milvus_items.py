@@ -3,6 +3,7 @@ path or its gRPC server)."""
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import numpy as np
@@ -72,14 +73,17 @@ class MilvusItemIndex(ItemIndex):
         rows = self.client.get(self.collection, ids=list(dict.fromkeys(item_ids)), output_fields=_OUT)
         return {r["item_id"]: _candidate(r["item_id"], 0.0, r) for r in rows}
 
-    def search(self, vectors: np.ndarray, limit: int) -> list[list[Candidate]]:
+    def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = ()) -> list[list[Candidate]]:
         if len(vectors) == 0:
             return []
         limit = max(1, min(limit, 16_384))
+        expr = "available == true"
+        if categories:
+            expr += " and category in [" + ", ".join(json.dumps(c) for c in categories) + "]"
         # Ids and scores only: returning vectors and attributes costs more than the search itself
         # on Milvus Lite; callers fetch the attributes of the few they keep, through a cache.
         hits = self.client.search(self.collection, data=np.asarray(vectors, dtype=np.float32).tolist(),
-                                  limit=limit, filter="available == true", output_fields=[],
+                                  limit=limit, filter=expr, output_fields=[],
                                   consistency_level=self.consistency)
         return [[Candidate(h["item_id"], float(h["distance"])) for h in row] for row in hits]
 

@@ -1,0 +1,167 @@
+"""The pipeline core with in-memory stores and a small deterministic encoder (no Kafka, no servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from models.params import ModelParams
+from schemas import Limits
+from streams.pipeline import ItemCache, Pipeline, RawMessage
+from streams.stores import open_item_index, open_profile_store
+from workers import demo_data
+
+
+class WordHashEncoder:
+    """Bag of hashed words: texts sharing words get close vectors. A unit-test stand-in for the
+    transformer encoder (which tests/unit/test_encoder.py and the integration suite exercise)."""
+
+    dim = 64
+    version = "wordhash:64"
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().replace(".", " ").replace(",", " ").split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms == 0, 1, norms)
+
+
+CLOCK = [1_800_000_000.0]
+CATALOG = demo_data.build_catalog(80)
+
+
+def make_pipeline() -> Pipeline:
+    enc = WordHashEncoder()
+    return Pipeline(open_profile_store("memory://"), open_item_index("memory://", enc.dim), enc, ModelParams(),
+                    Limits(), k=5, item_cache=ItemCache(100, 60.0), clock=lambda: CLOCK[0])
+
+
+def msgs(objs, topic="events"):
+    return [RawMessage(topic, 0, n, None, o if isinstance(o, bytes) else json.dumps(o).encode())
+            for n, o in enumerate(objs)]
+
+
+def click(eid, user, item, **kw):
+    return {"type": "click", "event_id": eid, "user_id": user, "item_id": item, "timestamp": 1000.0, **kw}
+
+
+def items_of(cat):
+    return [it["item_id"] for it in CATALOG if it["category"] == cat]
+
+
+@pytest.fixture
+def pipeline():
+    p = make_pipeline()
+    asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+    return p
+
+
+def recs(out):
+    return [json.loads(v) for _, v in out.recommendations]
+
+
+def test_catalog_is_indexed_and_bad_catalog_input_dead_lettered():
+    p = make_pipeline()
+    out = asyncio.run(p.process_catalog(msgs(CATALOG[:10] + [b"nope", {"type": "item", "item_id": "x"}], "catalog")))
+    assert p.items.count() == 10
+    assert out.stats["items_upserted"] == 10 and out.stats["dead_letters"] == 2
+    errors = [json.loads(v)["error"] for _, v in out.dead_letters]
+    assert errors == ["bad_json", "missing_field"]
+
+
+def test_one_list_per_valid_event_and_dead_letters_with_reasons(pipeline):
+    cooking = items_of("cooking")
+    batch = [click("e1", "u", cooking[0]), b"\x00garbage", click("e2", "u", cooking[1]),
+             click("e3", "u", "unknown-item"), {"type": "query", "event_id": "e4", "user_id": "u",
+                                                "text": "risotto recipe", "timestamp": 1000.0}]
+    out = asyncio.run(pipeline.process_events(msgs(batch)))
+    produced = recs(out)
+    assert [r["trigger_event_id"] for r in produced] == ["e1", "e2", "e4"]
+    dead = [json.loads(v) for _, v in out.dead_letters]
+    assert [d["error"] for d in dead] == ["bad_json", "unknown_item"]
+    assert base64.b64decode(dead[0]["value_b64"]) == b"\x00garbage" and dead[0]["offset"] == 1
+    assert out.stats == {"events_in": 5, "events_applied": 3, "duplicates": 0, "recommendations_out": 3,
+                         "dead_letters": 2}
+    # the list after e1 excludes e1's item; the list after e2 excludes both
+    assert cooking[0] not in {i["item_id"] for i in produced[0]["items"]}
+    assert not {cooking[0], cooking[1]} & {i["item_id"] for i in produced[1]["items"]}
+    # ... but the list after e1 is not affected by e2, which came later
+    assert produced[0]["items"] != produced[1]["items"]
+
+
+def test_replaying_a_batch_applies_nothing_twice(pipeline):
+    batch = msgs([click("e1", "u", items_of("jazz")[0]), click("e2", "u", items_of("jazz")[1])])
+    first = asyncio.run(pipeline.process_events(batch))
+    profile = asyncio.run(pipeline.profiles.load(["u"]))["u"]
+    again = asyncio.run(pipeline.process_events(batch))
+    after = asyncio.run(pipeline.profiles.load(["u"]))["u"]
+    assert first.stats["events_applied"] == 2 and again.stats.get("events_applied", 0) == 0
+    assert again.stats["duplicates"] == 2 and all(r["duplicate"] for r in recs(again))
+    assert after.version == profile.version == 1 and after.clicks == 2
+    assert np.array_equal(after.long, profile.long)
+
+
+def test_duplicates_inside_one_batch(pipeline):
+    e = click("same", "u", items_of("travel")[0])
+    out = asyncio.run(pipeline.process_events(msgs([e, e])))
+    assert out.stats["events_applied"] == 1 and out.stats["duplicates"] == 1
+    assert [r["duplicate"] for r in recs(out)] == [False, True]
+
+
+def test_cold_start_then_personal(pipeline):
+    popular = items_of("fitness")[:2]
+    asyncio.run(pipeline.process_events(msgs([click(f"p{n}-{i}", f"o{n}", i) for n in range(3) for i in popular])))
+    req = {"type": "request", "request_id": "r1", "user_id": "new", "timestamp": 1000.0, "k": 4}
+    cold = recs(asyncio.run(pipeline.process_requests(msgs([req], "requests"))))[0]
+    assert cold["cold_start"] and [i["item_id"] for i in cold["items"][:2]] == popular
+    assert [i["reason"] for i in cold["items"][:2]] == ["popular now"] * 2
+    warm = recs(asyncio.run(pipeline.process_events(msgs([click("n1", "new", items_of("astronomy")[0])]))))[0]
+    assert not warm["cold_start"] and warm["items"][0]["reason"] != "popular now"
+
+
+def test_requests_do_not_change_the_profile_and_honour_filters(pipeline):
+    asyncio.run(pipeline.process_events(msgs([click("e1", "u", items_of("gardening")[0])])))
+    before = asyncio.run(pipeline.profiles.load(["u"]))["u"].version
+    req = {"type": "request", "request_id": "r", "user_id": "u", "timestamp": 1000.0, "k": 3,
+           "categories": ["jazz"], "exclude": [items_of("jazz")[0]]}
+    out = recs(asyncio.run(pipeline.process_requests(msgs([req], "requests"))))[0]
+    assert asyncio.run(pipeline.profiles.load(["u"]))["u"].version == before
+    assert len(out["items"]) == 3 and all(i["category"] == "jazz" for i in out["items"])
+    assert items_of("jazz")[0] not in [i["item_id"] for i in out["items"]]
+
+
+def test_forget_deletes_the_profile_and_answers_nothing(pipeline):
+    batch = [click("e1", "u", items_of("jazz")[0]),
+             {"type": "forget", "event_id": "f1", "user_id": "u", "timestamp": 1000.0}]
+    out = asyncio.run(pipeline.process_events(msgs(batch)))
+    assert [r["trigger_event_id"] for r in recs(out)] == ["e1"]
+    assert asyncio.run(pipeline.profiles.load(["u"]))["u"].is_cold
+
+
+def test_deleted_items_leave_index_cache_and_lists(pipeline):
+    jazz = items_of("jazz")
+    asyncio.run(pipeline.process_events(msgs([click("e1", "u", jazz[0])])))
+    asyncio.run(pipeline.process_catalog(msgs([{"type": "item_delete", "item_id": j, "timestamp": 1.0}
+                                               for j in jazz[1:]], "catalog")))
+    out = recs(asyncio.run(pipeline.process_events(msgs([click("e2", "u", items_of("jazz")[0], scene="tv")]))))
+    assert not set(jazz[1:]) & {i["item_id"] for i in out[0]["items"]}
+    dead = asyncio.run(pipeline.process_events(msgs([click("e3", "u", jazz[1])])))
+    assert [json.loads(v)["error"] for _, v in dead.dead_letters] == ["unknown_item"]
+
+
+def test_item_cache_is_bounded_and_expires():
+    now = [0.0]
+    cache = ItemCache(2, 10.0, clock=lambda: now[0])
+    from models.ranking import Candidate
+    for i in "abc":
+        cache.put(Candidate(i, 0.0))
+    assert cache.get("a") is None and cache.get("c") is not None
+    now[0] = 11.0
+    assert cache.get("c") is None

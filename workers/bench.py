@@ -1,0 +1,146 @@
+"""``streamrec bench``: events/s and latency through the embedded stack, beside the limits of its
+parts measured in the same run (encoder texts/s, Milvus batched searches/s, Redis profile
+updates/s). Ratios, not absolute targets: these machines are noisy."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+
+from workers import demo_data
+from workers.demo import percentiles
+from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat
+from workers.settings import Settings
+from workers.stack import Stack
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _stream(log, s: Settings, events: list[dict], worker: WorkerProcess) -> dict:
+    p = log.producer()
+    start = time.time()
+    for ev in events:
+        key, value = encode_line({**ev, "timestamp": time.time()})
+        p.send(s.topic_events, key=key, value=value)
+    p.flush()
+    got = read_outputs(log, s.topic_recommendations, [e["event_id"] for e in events], 600, worker)
+    msgs = [got[e["event_id"]][0] for e in events]
+    done = max(m["produced_time"] for m in msgs)
+    lat = [(m["produced_time"] - m["event_time"]) * 1000 for m in msgs]
+    return {"events": len(events), "events_per_s": round(len(events) / (done - start), 1),
+            "latency_ms": percentiles(lat)}
+
+
+def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: int = 200,
+              data_dir: Optional[str] = None) -> dict:
+    import redis
+
+    from streams.stores.eventlog import KafkaEventLog, all_topics
+
+    base = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
+    catalog = demo_data.build_catalog(items)
+    per_user = max(1, events // users)
+    evs, _ = demo_data.simulate_events(catalog, n_users=users, events_per_user=per_user, query_share=0.0, seed=3)
+    qevs, _ = demo_data.simulate_events(catalog, n_users=users, events_per_user=per_user + 1, query_share=1.0, seed=4)
+    qevs = [e for e in qevs if e["type"] == "query"]
+    for n, e in enumerate(qevs):
+        e["event_id"] = f"q-{n:06d}"
+    with Stack(base) as stack:
+        run = uuid.uuid4().hex[:8]
+        s = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url,
+                                        "milvus_uri": stack.milvus_uri, "app_id": f"bench-{run}",
+                                        "key_prefix": f"bench-{run}", "kafka_rebalance_timeout_s": 3.0})
+        log = KafkaEventLog(s.kafka_bootstrap)
+        log.ensure_topics(all_topics(s), s.topic_partitions)
+        worker = WorkerProcess(s, base / "worker.log").start()
+        r = redis.Redis.from_url(s.redis_url)
+        try:
+            _say(f"indexing {len(catalog)} items")
+            t0 = time.time()
+            log.publish(s.topic_catalog, [(*encode_line(it), None) for it in catalog])
+            wait_stat(r, s.key_prefix, "items_upserted", len(catalog), 600, worker)
+            _say(f"catalog ready after {time.time() - t0:.1f} s (worker start included)")
+            _say(f"click-only stream: {len(evs)} events from {users} users")
+            clicks = _stream(log, s, evs, worker)
+            _say(f"query-only stream: {len(qevs)} events")
+            queries = _stream(log, s, qevs, worker)
+        finally:
+            worker.stop()
+            r.close()
+            log.close()
+        _say("measuring the parts alone")
+        limits = asyncio.run(_limits(s, catalog))
+    out = {
+        "stack": stack.versions,
+        "items": len(catalog),
+        "click_stream": clicks,
+        "query_stream": queries,
+        "limits": limits,
+        "ratios": {
+            "click_eps_over_milvus_queries_per_s": round(clicks["events_per_s"] / limits["milvus_searches_per_s"], 3),
+            "click_eps_over_redis_updates_per_s": round(clicks["events_per_s"] / limits["redis_profile_updates_per_s"], 3),
+            "query_eps_over_encoder_texts_per_s": round(queries["events_per_s"] / limits["encoder_texts_per_s"], 3),
+            "query_eps_over_milvus_queries_per_s": round(queries["events_per_s"] / limits["milvus_searches_per_s"], 3),
+        },
+        "batch": {"encoder_batch_size": s.encoder_batch_size, "search_batch": 64, "batch_max": s.batch_max},
+    }
+    return out
+
+
+async def _limits(s: Settings, catalog: list[dict]) -> dict:
+    from models.encoder import TextEncoder
+    from models.profile import Profile, apply_click
+    from streams.stores import open_item_index, open_profile_store
+
+    enc = TextEncoder(s.encoder_model, s.encoder_device, s.encoder_max_length, s.encoder_batch_size,
+                      s.encoder_threads)
+    texts = [q for c in demo_data.CATEGORIES for q in demo_data.query_texts(c)] * 16
+    enc.encode(texts[:16])
+    t = time.perf_counter()
+    vecs = enc.encode(texts)
+    encoder_tps = len(texts) / (time.perf_counter() - t)
+
+    index = open_item_index(s.milvus_uri, enc.dim, s.milvus_collection, s.milvus_token.get_secret_value(),
+                            s.milvus_consistency)
+    batches = [vecs[i:i + 64] for i in range(0, 512, 64)]
+    index.search(batches[0], 48)
+    t = time.perf_counter()
+    for b in batches:
+        index.search(b, 48)
+    milvus_qps = sum(len(b) for b in batches) / (time.perf_counter() - t)
+    index.close()
+
+    store = open_profile_store(s.redis_url, f"{s.key_prefix}-limit")
+    n = 2000
+    profiles = [Profile(user_id=f"u{i}") for i in range(n)]
+    for p in profiles:
+        apply_click(p, "i0", vecs[0], "t", "c", "home", 1.0, "e0", 0.0, s.model)
+    versions = {p.user_id: 0 for p in profiles}
+
+    async def one(p: Profile, k: int) -> None:
+        await store.commit(p, versions[p.user_id], [f"i{k}"], [f"e{k}-{p.user_id}"])
+        versions[p.user_id] += 1
+
+    t = time.perf_counter()
+    for start in range(0, n, 32):  # 32 commits in flight, as the worker's batches do at most
+        await asyncio.gather(*(one(p, 1) for p in profiles[start:start + 32]))
+    redis_ups = n / (time.perf_counter() - t)
+    await store.close()
+    return {"encoder_texts_per_s": round(encoder_tps, 1), "milvus_searches_per_s": round(milvus_qps, 1),
+            "redis_profile_updates_per_s": round(redis_ups, 1), "encoder_threads": int(_threads())}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
