@@ -31,7 +31,7 @@ class ModelParams:
     w_interest: float = 0.1  # boost by the interest probability of the item's category
     w_scene_item: float = 0.03  # boost for items offered in the request's scene
     diversity: float = 0.02  # penalty per item of the same category already in the list
-    oversample: int = 3  # candidates fetched per slot in the list
+    oversample: int = 2  # candidates fetched per slot in the list
     history_size: int = 50
     explain_clicks: int = 5  # recent clicks kept (with vectors) for explanations
     explain_queries: int = 3

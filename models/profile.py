@@ -110,12 +110,13 @@ def apply_query(profile: Profile, text: str, query_vector: np.ndarray, scene: Op
 
 def _remember(profile: Profile, entry: dict, explainer: Explainer, params: ModelParams) -> None:
     profile.history.append(entry)
-    del profile.history[:-params.history_size]
+    del profile.history[:max(0, len(profile.history) - params.history_size)]
     profile.last_time = max(profile.last_time, float(entry["t"]))
     same = [e for e in profile.explainers if e.kind == explainer.kind and e.ref != explainer.ref]
     other = [e for e in profile.explainers if e.kind != explainer.kind]
     keep = params.explain_clicks if explainer.kind == "click" else params.explain_queries
-    same = (same + [explainer])[-keep:]
+    same.append(explainer)
+    same = same[max(0, len(same) - keep):]
     profile.explainers = other + same
 
 

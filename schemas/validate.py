@@ -22,8 +22,8 @@ EVENT_TYPES = {"click": Click, "query": Query, "forget": ForgetUser}
 CATALOG_TYPES = {"item": ItemUpsert, "item_delete": ItemDelete}
 REQUEST_TYPES = {"request": RecommendationRequest}
 TYPE_OF = {cls: name for table in (EVENT_TYPES, CATALOG_TYPES, REQUEST_TYPES) for name, cls in table.items()}
-_ID_FIELDS = {"event_id", "user_id", "item_id", "request_id"}
-_TEXT_FIELDS = {"text", "title", "description"}
+_ID_FIELDS = {"event_id", "user_id", "item_id", "request_id", "exclude"}  # ``exclude`` holds item ids
+_MAY_BE_EMPTY = {"description", "category"}
 
 
 class InvalidMessage(ValueError):
@@ -104,7 +104,7 @@ def _parse(raw: bytes, types: dict[str, type], limits: Limits, now: float) -> An
     if not isinstance(data, dict):
         raise InvalidMessage("not_object", f"expected a JSON object, got {type(data).__name__}")
     kind = data.get("type")
-    if kind not in types:
+    if not isinstance(kind, str) or kind not in types:
         raise InvalidMessage("unknown_type", f"'type' must be one of {sorted(types)}, got {_show(kind)}")
     cls = types[kind]
     fields = _fields(cls)
@@ -134,7 +134,10 @@ def _parse(raw: bytes, types: dict[str, type], limits: Limits, now: float) -> An
         raise InvalidMessage("bad_value", f"weight must be within (0, 100], got {values['weight']}")
     if values.get("dwell_s") is not None and values["dwell_s"] < 0:
         raise InvalidMessage("bad_value", f"dwell_s must not be negative, got {values['dwell_s']}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # the record's own validation; the checks above should come first
+        raise InvalidMessage("bad_value", f"{kind}: {exc}") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -169,9 +172,13 @@ def _check(kind: str, name: str, hint: Any, value: Any, limits: Limits) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidMessage("wrong_type", f"{where} must be a number, got {_type(value)}")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise InvalidMessage("bad_value", f"{where} is out of range") from None
+        if not math.isfinite(number):
             raise InvalidMessage("bad_value", f"{where} must be finite")
-        return float(value)
+        return number
     if typing.get_origin(hint) is list:
         if not isinstance(value, list):
             raise InvalidMessage("wrong_type", f"{where} must be a list, got {_type(value)}")
@@ -196,7 +203,7 @@ def _check_str(where: str, name: str, value: str, limits: Limits) -> str:
         raise InvalidMessage("too_long", f"{where} has {len(value)} characters, limit {limits.max_text_chars}")
     if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
         raise InvalidMessage("bad_encoding", f"{where} contains unpaired surrogates")
-    if name in _TEXT_FIELDS and name != "description" and not value.strip():
+    if name not in _MAY_BE_EMPTY and not value.strip():
         raise InvalidMessage("bad_value", f"{where} must not be empty")
     return value
 

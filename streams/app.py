@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable, Optional, Sequence
 
 import faust
@@ -68,10 +69,15 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
             async for batch in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
                 raw = [RawMessage(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key,
                                   ev.message.value) for ev in batch]
+                t0 = time.perf_counter()
                 out = await retry_forever(lambda: process(raw), backoff, what=f"{name} batch", log=log)
+                t1 = time.perf_counter()
                 await retry_forever(lambda: publish(out), backoff, what=f"{name} publish", log=log)
+                t2 = time.perf_counter()
                 for ev in batch:
                     await stream.ack(ev)
+                log.debug("%s batch of %d: process %.1f ms, publish %.1f ms", name, len(raw),
+                          (t1 - t0) * 1e3, (t2 - t1) * 1e3)
                 await retry_forever(lambda: pipeline.profiles.incr_stats(out.stats), backoff, what="stats", log=log)
         agent.__name__ = name
         return agent

@@ -337,7 +337,7 @@ class Pipeline:
         for i, a in enumerate(answers):
             if a.vector is not None:
                 need = a.k * p.oversample + len(a.profile.seen) + len(a.exclude)
-                limit = -(-need // 16) * 16  # few distinct limits: few searches
+                limit = -(-need // 8) * 8  # few distinct limits: few searches
                 buckets.setdefault((limit, a.only_categories), []).append(i)
         for (limit, only), idx in buckets.items():
             hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only)
