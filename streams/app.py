@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, Optional, Sequence
 
 import faust
@@ -33,6 +34,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         settings.app_id,
         broker=broker_urls(settings),
         store="memory://",
+        datadir=str(Path(settings.data_dir) / "faust-{conf.id}"),
         web_enabled=False,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,

@@ -57,7 +57,8 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         run = uuid.uuid4().hex[:8]
         s = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url,
                                         "milvus_uri": stack.milvus_uri, "app_id": f"bench-{run}",
-                                        "key_prefix": f"bench-{run}", "kafka_rebalance_timeout_s": 3.0})
+                                        "key_prefix": f"bench-{run}", "kafka_rebalance_timeout_s": 3.0,
+                                        "data_dir": str(base / "data")})
         log = KafkaEventLog(s.kafka_bootstrap)
         log.ensure_topics(all_topics(s), s.topic_partitions)
         worker = WorkerProcess(s, base / "worker.log").start()

@@ -49,7 +49,8 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
         run = uuid.uuid4().hex[:8]
         s = settings.model_copy(update={**{k.removeprefix("STREAMREC_").lower(): v for k, v in stack.env().items()},
                                         "app_id": f"streamrec-demo-{run}", "key_prefix": f"demo-{run}",
-                                        "kafka_rebalance_timeout_s": 3.0})  # one worker: no one to wait for
+                                        "kafka_rebalance_timeout_s": 3.0,  # one worker: no one to wait for
+                                        "data_dir": str(base / "data")})
         log = KafkaEventLog(s.kafka_bootstrap)
         log.ensure_topics(all_topics(s), s.topic_partitions)
         worker = WorkerProcess(s, base / "worker.log").start()

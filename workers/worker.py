@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from schemas import Limits
 from streams.pipeline import ItemCache, Pipeline
@@ -38,6 +39,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     if created:
         log.info("created topics %s", created)
     pipeline = build_pipeline(settings)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = create_app(settings, pipeline)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

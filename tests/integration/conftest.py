@@ -43,7 +43,7 @@ class Harness:
             app_id=f"t-{run}", key_prefix=f"t-{run}", milvus_collection=f"t_{run}",
             topic_events=f"t-{run}.events", topic_catalog=f"t-{run}.catalog", topic_requests=f"t-{run}.requests",
             topic_recommendations=f"t-{run}.recs", topic_deadletter=f"t-{run}.dlq",
-            kafka_rebalance_timeout_s=3.0, kafka_session_timeout_s=10.0, **overrides)
+            kafka_rebalance_timeout_s=3.0, kafka_session_timeout_s=10.0, data_dir=str(tmp / "data"), **overrides)
         self.log = KafkaEventLog(stack.kafka_bootstrap)
         self.log.ensure_topics(all_topics(self.settings), self.settings.topic_partitions)
         self.redis = redis.Redis.from_url(stack.redis_url)
