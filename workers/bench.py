@@ -8,14 +8,13 @@ import asyncio
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Optional
 
 
 from workers import demo_data
 from workers.demo import percentiles
-from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat
+from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat, worker_on_stack
 from workers.settings import Settings
 from workers.stack import Stack
 
@@ -41,10 +40,6 @@ def _stream(log, s: Settings, events: list[dict], worker: WorkerProcess) -> dict
 
 def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: int = 200,
               data_dir: Optional[str] = None) -> dict:
-    import redis
-
-    from streams.stores.eventlog import KafkaEventLog, all_topics
-
     base = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
     catalog = demo_data.build_catalog(items)
     per_user = max(1, events // users)
@@ -53,30 +48,17 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
     qevs = [e for e in qevs if e["type"] == "query"]
     for n, e in enumerate(qevs):
         e["event_id"] = f"q-{n:06d}"
-    with Stack(base) as stack:
-        run = uuid.uuid4().hex[:8]
-        s = settings.model_copy(update={"kafka_bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url,
-                                        "milvus_uri": stack.milvus_uri, "app_id": f"bench-{run}",
-                                        "key_prefix": f"bench-{run}", "kafka_rebalance_timeout_s": 3.0,
-                                        "data_dir": str(base / "data")})
-        log = KafkaEventLog(s.kafka_bootstrap)
-        log.ensure_topics(all_topics(s), s.topic_partitions)
-        worker = WorkerProcess(s, base / "worker.log").start()
-        r = redis.Redis.from_url(s.redis_url)
-        try:
-            _say(f"indexing {len(catalog)} items")
-            t0 = time.time()
-            log.publish(s.topic_catalog, [(*encode_line(it), None) for it in catalog])
-            wait_stat(r, s.key_prefix, "items_upserted", len(catalog), 600, worker)
-            _say(f"catalog ready after {time.time() - t0:.1f} s (worker start included)")
-            _say(f"click-only stream: {len(evs)} events from {users} users")
-            clicks = _stream(log, s, evs, worker)
-            _say(f"query-only stream: {len(qevs)} events")
-            queries = _stream(log, s, qevs, worker)
-        finally:
-            worker.stop()
-            r.close()
-            log.close()
+    with Stack(base) as stack, worker_on_stack(settings, stack, base, "bench") as (s, log, worker, r):
+        _say(f"indexing {len(catalog)} items")
+        t0 = time.time()
+        log.publish(s.topic_catalog, [(*encode_line(it), None) for it in catalog])
+        wait_stat(r, s.key_prefix, "items_upserted", len(catalog), 600, worker)
+        _say(f"catalog ready after {time.time() - t0:.1f} s (worker start included)")
+        _say(f"click-only stream: {len(evs)} events from {users} users")
+        clicks = _stream(log, s, evs, worker)
+        _say(f"query-only stream: {len(qevs)} events")
+        queries = _stream(log, s, qevs, worker)
+        worker.stop()
         _say("measuring the parts alone")
         limits = asyncio.run(_limits(s, catalog))
     out = {

@@ -6,14 +6,13 @@ import json
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from workers import demo_data
-from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat
+from workers.runner import encode_line, read_outputs, wait_stat, worker_on_stack
 from workers.settings import Settings
 from workers.stack import Stack
 
@@ -35,10 +34,6 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, items: int = 400,
              rate: float = 100.0, data_dir: Optional[str] = None) -> dict:
-    import redis
-
-    from streams.stores.eventlog import KafkaEventLog, all_topics
-
     base = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="streamrec-demo-"))
     catalog = demo_data.build_catalog(items)
     events, sim_users = demo_data.simulate_events(catalog, n_users=users, events_per_user=events_per_user)
@@ -46,16 +41,7 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
     category = {it["item_id"]: it["category"] for it in catalog}
     _say(f"starting the embedded stack in {base}")
     with Stack(base) as stack:
-        run = uuid.uuid4().hex[:8]
-        s = settings.model_copy(update={**{k.removeprefix("STREAMREC_").lower(): v for k, v in stack.env().items()},
-                                        "app_id": f"streamrec-demo-{run}", "key_prefix": f"demo-{run}",
-                                        "kafka_rebalance_timeout_s": 3.0,  # one worker: no one to wait for
-                                        "data_dir": str(base / "data")})
-        log = KafkaEventLog(s.kafka_bootstrap)
-        log.ensure_topics(all_topics(s), s.topic_partitions)
-        worker = WorkerProcess(s, base / "worker.log").start()
-        r = redis.Redis.from_url(s.redis_url)
-        try:
+        with worker_on_stack(settings, stack, base, "demo") as (s, log, worker, r):
             t0 = time.time()
             _say(f"publishing {len(catalog)} catalog items")
             log.publish(s.topic_catalog, [(*encode_line(it), None) for it in catalog])
@@ -63,6 +49,7 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
             _say(f"catalog indexed in {time.time() - t0:.1f} s; streaming {len(events)} events "
                  f"from {users} users at {rate or 'max'} events/s")
             p = log.producer()
+            bad_at = {len(events) * (n + 1) // (len(BAD_MESSAGES) + 1): bad for n, bad in enumerate(BAD_MESSAGES)}
             start = time.time()
             for i, ev in enumerate(events):
                 if rate:
@@ -72,20 +59,16 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
                 ev = {**ev, "timestamp": time.time()}
                 key, value = encode_line(ev)
                 p.send(s.topic_events, key=key, value=value)
-                if i in (len(events) // 4, len(events) // 2, 3 * len(events) // 4):
-                    p.send(s.topic_events, key=b"demo-user-000", value=BAD_MESSAGES[[len(events) // 4, len(events) // 2,
-                                                                                    3 * len(events) // 4].index(i)])
+                if i in bad_at:
+                    p.send(s.topic_events, key=key, value=bad_at[i])
             p.flush()
             sent_at = time.time()
             got = read_outputs(log, s.topic_recommendations, [e["event_id"] for e in events], 300, worker)
             done_at = max(m["produced_time"] for ms in got.values() for m in ms)
             wait_stat(r, s.key_prefix, "dead_letters", len(BAD_MESSAGES), 60, worker)
+            wait_stat(r, s.key_prefix, "events_applied", len(events), 60, worker)
             stats = {k.decode(): int(v) for k, v in r.hgetall(f"{s.key_prefix}:stats").items()}
             n_items = _count_items(s)
-        finally:
-            worker.stop()
-            r.close()
-            log.close()
         hits = total = 0
         first_event = {}
         for ev in events:

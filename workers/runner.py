@@ -3,15 +3,17 @@ as a process, publish events, wait for its answers on the output topic."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from streams.stores.eventlog import KafkaEventLog, LogRecord, all_topics
 from workers.settings import Settings
@@ -132,5 +134,28 @@ def read_outputs(log: KafkaEventLog, topic: str, want: Iterable[str], timeout_s:
     return got
 
 
-__all__ = ["WorkerProcess", "settings_env", "encode_line", "topic_for", "wait_stat", "read_outputs",
+@contextlib.contextmanager
+def worker_on_stack(settings: Settings, stack, base: Path, name: str) -> Iterator[tuple]:
+    """A worker on ``stack`` with fresh names (app id, key prefix), its topics created; yields
+    (settings, event log, worker, sync Redis client) and stops them all afterwards."""
+    import redis
+
+    run = uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={
+        "kafka_bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url, "milvus_uri": stack.milvus_uri,
+        "app_id": f"{name}-{run}", "key_prefix": f"{name}-{run}", "data_dir": str(base / "data"),
+        "kafka_rebalance_timeout_s": 3.0})  # one worker: no other member to wait for
+    log = KafkaEventLog(s.kafka_bootstrap)
+    log.ensure_topics(all_topics(s), s.topic_partitions)
+    worker = WorkerProcess(s, base / "worker.log").start()
+    r = redis.Redis.from_url(s.redis_url)
+    try:
+        yield s, log, worker, r
+    finally:
+        worker.stop()
+        r.close()
+        log.close()
+
+
+__all__ = ["worker_on_stack", "WorkerProcess", "settings_env", "encode_line", "topic_for", "wait_stat", "read_outputs",
            "all_topics"]

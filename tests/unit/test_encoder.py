@@ -49,3 +49,15 @@ def test_packaged_minilm_puts_related_texts_close():
     v = enc.encode(["creamy mushroom risotto recipe", "how to cook italian pasta", "premier league football match"])
     assert enc.dim == 384
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+
+
+@pytest.mark.gpu
+def test_cuda_vectors_match_cpu(tiny_model):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    texts = ["a short one", "another sentence about something else"]
+    cpu = TextEncoder(tiny_model, device="cpu").encode(texts)
+    gpu_enc = TextEncoder(tiny_model, device="auto")
+    assert gpu_enc.device == "cuda"
+    assert np.allclose(gpu_enc.encode(texts), cpu, atol=1e-3)
