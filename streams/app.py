@@ -18,6 +18,7 @@ import faust
 
 from streams.pipeline import Output, Pipeline, RawMessage
 from streams.retry import Backoff, retry_forever
+from streams.transport import App
 from workers.settings import Settings
 
 log = logging.getLogger("streamrec.agents")
@@ -30,7 +31,7 @@ def broker_urls(settings: Settings) -> list[str]:
 
 def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust.App:
     """Build the Faust app. ``pipeline`` may be ``None`` only to inspect the app (``faust -A``)."""
-    app = faust.App(
+    app = App(
         settings.app_id,
         broker=broker_urls(settings),
         store="memory://",
@@ -49,6 +50,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         key_serializer="raw",
         value_serializer="raw",
     )
+    app.fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")

@@ -23,10 +23,15 @@ def _say(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _stream(log, s: Settings, events: list[dict], worker: WorkerProcess) -> dict:
+def _stream(log, s: Settings, events: list[dict], worker: WorkerProcess, rate: float = 0.0) -> dict:
+    """Send ``events`` (all at once, or paced at ``rate`` events/s) and measure the answers."""
     p = log.producer()
     start = time.time()
-    for ev in events:
+    for i, ev in enumerate(events):
+        if rate:
+            ahead = start + i / rate - time.time()
+            if ahead > 0:
+                time.sleep(ahead)  # pacing the offered load
         key, value = encode_line({**ev, "timestamp": time.time()})
         p.send(s.topic_events, key=key, value=value)
     p.flush()
@@ -34,7 +39,9 @@ def _stream(log, s: Settings, events: list[dict], worker: WorkerProcess) -> dict
     msgs = [got[e["event_id"]][0] for e in events]
     done = max(m["produced_time"] for m in msgs)
     lat = [(m["produced_time"] - m["event_time"]) * 1000 for m in msgs]
-    return {"events": len(events), "events_per_s": round(len(events) / (done - start), 1),
+    return {"events": len(events), "sent": f"paced at {rate:.0f} events/s" if rate else
+            "all at once (latency includes queueing)",
+            "events_per_s": round(len(events) / (done - start), 1),
             "latency_ms": percentiles(lat)}
 
 
@@ -58,6 +65,10 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         clicks = _stream(log, s, evs, worker)
         _say(f"query-only stream: {len(qevs)} events")
         queries = _stream(log, s, qevs, worker)
+        paced_rate = round(clicks["events_per_s"] / 2)
+        _say(f"click stream paced at half that throughput ({paced_rate} events/s)")
+        repeat = [{**e, "event_id": "p-" + e["event_id"]} for e in evs[: max(1, len(evs) // 4)]]
+        paced = _stream(log, s, repeat, worker, rate=paced_rate)
         worker.stop()
         _say("measuring the parts alone")
         limits = asyncio.run(_limits(s, catalog))
@@ -66,6 +77,7 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         "items": len(catalog),
         "click_stream": clicks,
         "query_stream": queries,
+        "paced_click_stream": paced,
         "limits": limits,
         "ratios": {
             "click_eps_over_milvus_queries_per_s": round(clicks["events_per_s"] / limits["milvus_searches_per_s"], 3),
@@ -94,10 +106,11 @@ async def _limits(s: Settings, catalog: list[dict]) -> dict:
     index = open_item_index(s.milvus_uri, enc.dim, s.milvus_collection, s.milvus_token.get_secret_value(),
                             s.milvus_consistency)
     batches = [vecs[i:i + 64] for i in range(0, 512, 64)]
-    index.search(batches[0], 48)
+    limit = -(-(s.k * s.model.oversample) // 8) * 8  # what the worker asks for a user with no history
+    index.search(batches[0], limit)
     t = time.perf_counter()
     for b in batches:
-        index.search(b, 48)
+        index.search(b, limit)
     milvus_qps = sum(len(b) for b in batches) / (time.perf_counter() - t)
     index.close()
 
@@ -118,7 +131,8 @@ async def _limits(s: Settings, catalog: list[dict]) -> dict:
     redis_ups = n / (time.perf_counter() - t)
     await store.close()
     return {"encoder_texts_per_s": round(encoder_tps, 1), "milvus_searches_per_s": round(milvus_qps, 1),
-            "redis_profile_updates_per_s": round(redis_ups, 1), "encoder_threads": int(_threads())}
+            "redis_profile_updates_per_s": round(redis_ups, 1), "encoder_threads": int(_threads()),
+            "milvus_search_limit": limit}
 
 
 def _threads() -> int:

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     topic_deadletter: str = Field("streamrec.deadletter", description="rejected input with its reason")
     topic_partitions: int = Field(4, ge=1, description="partitions for topics streamrec creates")
     topic_replication: int = Field(1, ge=1)
+    kafka_fetch_max_wait_ms: int = Field(
+        100, ge=1, description="longest wait of one consumer fetch; a broker that does not answer early "
+        "(Tansu) adds up to this much latency")
     kafka_session_timeout_s: float = Field(30.0, gt=0, description="consumer group session timeout")
     kafka_rebalance_timeout_s: float = Field(
         30.0, gt=0, description="how long a rebalance waits for members to rejoin; a new group on some "

@@ -87,7 +87,7 @@ class KafkaEventLog:
         """Yield batches of records of ``topic`` as they arrive, until ``timeout_s`` passes."""
         from kafka import KafkaConsumer, TopicPartition
 
-        consumer = KafkaConsumer(**self._common(), enable_auto_commit=False, group_id=None,
+        consumer = KafkaConsumer(**self._common(), enable_auto_commit=False, group_id=None, fetch_max_wait_ms=100,
                                  auto_offset_reset="earliest" if from_beginning else "latest")
         try:
             deadline = time.monotonic() + timeout_s
