@@ -101,9 +101,9 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
 
 
 def _count_items(s: Settings) -> int:
-    from pymilvus import MilvusClient
+    from streams.stores.milvus_items import milvus_client
 
-    c = MilvusClient(uri=s.milvus_uri)
+    c = milvus_client(s.milvus_uri, s.milvus_token.get_secret_value())
     try:
         return int(c.query(s.milvus_collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
     finally:

@@ -147,9 +147,9 @@ class Stack:
             r.close()
 
     def _milvus_ready(self) -> bool:
-        from pymilvus import MilvusClient
+        from streams.stores.milvus_items import milvus_client
 
-        c = MilvusClient(uri=self.milvus_uri, timeout=3)
+        c = milvus_client(self.milvus_uri, timeout=3)
         try:
             self.versions["milvus"] = c.get_server_version()
             return True

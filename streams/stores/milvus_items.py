@@ -13,6 +13,17 @@ from streams.stores.items import ItemIndex, ItemRow
 
 _OUT = ["title", "category", "scenes", "vector"]
 MAX_SCENES = 64
+# pymilvus pings every 10 s even on idle connections; gRPC servers with default policies (the
+# Milvus Lite server among them) answer an idle connection's pings with GOAWAY "too_many_pings",
+# and a later client for the same URI then fails to reconnect. Ping only while calls are running.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 60_000, "grpc.keepalive_permit_without_calls": False}
+
+
+def milvus_client(uri: str, token: str = "", timeout: float | None = None):
+    """A ``MilvusClient`` with the keepalive settings above."""
+    from pymilvus import MilvusClient
+
+    return MilvusClient(uri=uri, token=token, timeout=timeout, grpc_options=dict(GRPC_OPTIONS))
 
 
 class MilvusItemIndex(ItemIndex):
@@ -21,13 +32,11 @@ class MilvusItemIndex(ItemIndex):
     dimension is an error (vectors of two encoders must never be mixed)."""
 
     def __init__(self, uri: str, dim: int, collection: str, token: str = "", consistency: str = "Strong") -> None:
-        from pymilvus import MilvusClient
-
         self.uri = uri
         self.dim = dim
         self.collection = collection
         self.consistency = consistency
-        self.client = MilvusClient(uri=uri, token=token)
+        self.client = milvus_client(uri, token)
         self._ensure()
 
     def _ensure(self) -> None:
