@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from schemas.catalog import ItemDelete, ItemUpsert
 from schemas.events import Click, ForgetUser, Query

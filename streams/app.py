@@ -74,15 +74,16 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                 raw = [RawMessage(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key,
                                   ev.message.value) for ev in batch]
                 t0 = time.perf_counter()
-                out = await retry_forever(lambda: process(raw), backoff, what=f"{name} batch", log=log)
+                out = await retry_forever(lambda raw=raw: process(raw), backoff, what=f"{name} batch", log=log)
                 t1 = time.perf_counter()
-                await retry_forever(lambda: publish(out), backoff, what=f"{name} publish", log=log)
+                await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log)
                 t2 = time.perf_counter()
                 for ev in batch:
                     await stream.ack(ev)
                 log.debug("%s batch of %d: process %.1f ms, publish %.1f ms", name, len(raw),
                           (t1 - t0) * 1e3, (t2 - t1) * 1e3)
-                await retry_forever(lambda: pipeline.profiles.incr_stats(out.stats), backoff, what="stats", log=log)
+                await retry_forever(lambda out=out: pipeline.profiles.incr_stats(out.stats), backoff,
+                                    what="stats", log=log)
         agent.__name__ = name
         return agent
 

@@ -162,7 +162,7 @@ class Pipeline:
         if upserts:
             vectors = await self._run(self.encoder.encode, [r.text() for r in upserts], encoder=True)
             rows = [ItemRow(r.item_id, v, r.title, r.category, tuple(r.scenes), r.available, r.timestamp)
-                    for r, v in zip(upserts, vectors)]
+                    for r, v in zip(upserts, vectors, strict=True)]
             await self._run(self.items.upsert, rows)
             await self.profiles.add_items([(r.item_id, r.timestamp, r.category) for r in upserts if r.available])
             unavailable = [r.item_id for r in upserts if not r.available]
@@ -202,14 +202,14 @@ class Pipeline:
                 valid.append(e)
         queries = [e for e in valid if isinstance(e, Query)]
         qvecs = await self._run(self.encoder.encode, [q.text for q in queries], encoder=True) if queries else []
-        query_vectors = {q.event_id: v for q, v in zip(queries, qvecs)}
+        query_vectors = {q.event_id: v for q, v in zip(queries, qvecs, strict=True)}
 
         by_user: dict[str, list] = {}
         for e in valid:
             by_user.setdefault(e.user_id, []).append(e)
         answers: dict[str, list[_Answer]] = {}
         pops: list[PopularityUpdate] = []
-        for attempt in range(8):
+        for _attempt in range(8):
             pending = [u for u in by_user if u not in answers]
             if not pending:
                 break
@@ -341,7 +341,7 @@ class Pipeline:
                 buckets.setdefault((limit, a.only_categories), []).append(i)
         for (limit, only), idx in buckets.items():
             hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only)
-            for i, h in zip(idx, hits):
+            for i, h in zip(idx, hits, strict=True):
                 results[i] = h
         bare = [c.item_id for hits in results.values() for c in hits if c.vector is None]
         if bare:

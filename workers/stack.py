@@ -158,13 +158,13 @@ class Stack:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop every child: SIGTERM, then SIGKILL after ``timeout_s``."""
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:

@@ -4,7 +4,6 @@ prefix and Milvus collection, and its own worker process."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from pathlib import Path
