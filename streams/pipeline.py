@@ -227,7 +227,7 @@ class Pipeline:
                 pops += user_pops
                 out.count("events_applied", n_applied)
                 out.count("duplicates", n_dup)
-        else:
+        if len(answers) < len(by_user):  # retried as a whole batch by the agent
             raise ConflictError(f"profiles of {len(by_user) - len(answers)} users kept changing during the batch")
         await self.profiles.bump_popularity(pops)
 

@@ -165,3 +165,25 @@ def test_item_cache_is_bounded_and_expires():
     assert cache.get("a") is None and cache.get("c") is not None
     now[0] = 11.0
     assert cache.get("c") is None
+
+
+def test_a_concurrent_writer_makes_the_batch_reread_and_apply_once(pipeline):
+    from models.profile import Profile
+
+    store = pipeline.profiles
+    commit = store.commit
+    raced = []
+
+    async def racing_commit(profile, expected, new_seen, event_ids):
+        if not raced:  # another writer commits first, once
+            raced.append(True)
+            other = Profile(user_id=profile.user_id)
+            await commit(other, expected, [], ["elsewhere"])
+        return await commit(profile, expected, new_seen, event_ids)
+
+    store.commit = racing_commit
+    out = asyncio.run(pipeline.process_events(msgs([click("e1", "u", items_of("jazz")[0])])))
+    assert raced and out.stats["events_applied"] == 1 and len(out.recommendations) == 1
+    p = asyncio.run(store.load(["u"]))["u"]
+    assert p.version == 2 and p.clicks == 1
+    assert asyncio.run(store.applied([("u", "e1"), ("u", "elsewhere")])) == [True, True]
