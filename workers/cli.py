@@ -124,6 +124,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from workers.replay import record
+
+    settings = _settings()
+    n = record(settings.kafka_bootstrap, args.topics, Path(args.out), start=args.start, end=args.end,
+               timeout_s=args.timeout, progress=not args.quiet)
+    print(json.dumps({"recorded": n, "file": args.out}))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from workers.replay import replay
+
+    settings = _settings()
+    rename = {}
+    for pair in args.rename:
+        old, sep, new = pair.partition("=")
+        if not sep or not old or not new:
+            print(f"streamrec replay: --rename takes OLD=NEW, got {pair!r}", file=sys.stderr)
+            return 2
+        rename[old] = new
+    state = Path(args.state) if args.state else Path(args.file + ".replay-state")
+    n = replay(settings.kafka_bootstrap, Path(args.file), rename=rename, speed=args.speed, state=state,
+               progress=not args.quiet)
+    print(json.dumps({"sent": n, "state": str(state)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamrec", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--stamp-now", action="store_true", help="give lines without a timestamp the current time")
     ld.add_argument("--skip-invalid", action="store_true", help="send the valid lines even if some are invalid")
     ld.set_defaults(func=cmd_load)
+
+    rec = sub.add_parser("record", help="copy topics (inputs and/or outputs) to a gzipped JSONL recording")
+    rec.add_argument("topics", nargs="+")
+    rec.add_argument("--out", required=True, help="the recording to write (.jsonl.gz)")
+    rec.add_argument("--from", dest="start", default="earliest",
+                     help="earliest, a time (Unix seconds or ISO-8601), or offsets P=OFFSET[,TOPIC/P=OFFSET...]")
+    rec.add_argument("--to", dest="end", default="now", help="now, count:N, or a time")
+    rec.add_argument("--timeout", type=float, default=600.0, help="seconds to reach the end before failing")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec.set_defaults(func=cmd_record)
+
+    rp = sub.add_parser("replay", help="publish a recording back into topics, resumable")
+    rp.add_argument("file")
+    rp.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="publish OLD's messages to NEW")
+    rp.add_argument("--speed", type=float, default=0.0, help="N times the recorded pace (0: as fast as possible)")
+    rp.add_argument("--state", default=None, help="resume file (default: FILE.replay-state)")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp.set_defaults(func=cmd_replay)
 
     sc = sub.add_parser("schemas", help="print or export the JSON Schemas of every record")
     sc.add_argument("--out", default=None, help="a folder to write one <namespace>.schema.json per record into")
