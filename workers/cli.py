@@ -145,9 +145,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"streamrec replay: --rename takes OLD=NEW, got {pair!r}", file=sys.stderr)
             return 2
         rename[old] = new
-    state = Path(args.state) if args.state else Path(args.file + ".replay-state")
+    default_state = args.file + ("." + "+".join(args.topic) if args.topic else "") + ".replay-state"
+    state = Path(args.state or default_state)
     n = replay(settings.kafka_bootstrap, Path(args.file), rename=rename, speed=args.speed, state=state,
-               progress=not args.quiet)
+               progress=not args.quiet, topics=args.topic or None)
     print(json.dumps({"sent": n, "state": str(state)}))
     return 0
 
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="publish OLD's messages to NEW")
     rp.add_argument("--speed", type=float, default=0.0, help="N times the recorded pace (0: as fast as possible)")
     rp.add_argument("--state", default=None, help="resume file (default: FILE.replay-state)")
+    rp.add_argument("--topic", action="append", default=[], help="replay only this recorded topic (repeatable)")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
     rp.set_defaults(func=cmd_replay)
 

@@ -189,7 +189,7 @@ def read_recording(path: Path) -> tuple[dict, Iterator[Recorded]]:
 
 def replay(bootstrap: str, path: Path, *, rename: Optional[dict[str, str]] = None, speed: float = 0.0,
            state: Optional[Path] = None, chunk: int = 500, progress: bool = True,
-           stop_after: Optional[int] = None) -> int:
+           stop_after: Optional[int] = None, topics: Optional[Sequence[str]] = None) -> int:
     """Publish a recording; returns the number of messages sent by this call.
 
     Args:
@@ -197,6 +197,7 @@ def replay(bootstrap: str, path: Path, *, rename: Optional[dict[str, str]] = Non
         speed: 0 for as fast as possible, else N times the recorded pace.
         state: a file counting confirmed messages; a replay with the same state file resumes.
         stop_after: stop after this many messages (an interruption, for tests and partial runs).
+        topics: replay only the messages of these recorded topics (e.g. the catalog first).
     """
     from kafka import KafkaProducer
     from tqdm import tqdm
@@ -214,6 +215,8 @@ def replay(bootstrap: str, path: Path, *, rename: Optional[dict[str, str]] = Non
         first_ts: Optional[int] = None
         started = time.monotonic()
         pending = []
+        if topics is not None:
+            rows = (r for r in rows if r.topic in topics)
         for n, r in enumerate(rows):
             if first_ts is None:
                 first_ts = r.timestamp_ms
