@@ -273,7 +273,8 @@ class Pipeline:
             else:
                 apply_query(profile, e.text, query_vectors[e.event_id], e.scene, e.event_id, e.timestamp, p)
                 applied_ids.append(e.event_id)
-            snap = copy.copy(profile)
+            snap = copy.copy(profile)  # vectors are replaced, never changed in place; containers are copied
+            snap.scenes = dict(profile.scenes)
             snap.interest = dict(profile.interest)
             snap.explainers = list(profile.explainers)
             snap.seen = _SeenView(base_seen, frozenset(added))  # type: ignore[assignment]

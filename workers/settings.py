@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token (user:password or API key)")
     milvus_collection: str = Field("streamrec_items")
     milvus_consistency: str = Field("Strong", description="consistency level of candidate searches")
+    milvus_index_type: str = Field(
+        "FLAT", description="vector index of a new collection: FLAT is exact and deterministic (replays give "
+        "the same lists); HNSW/AUTOINDEX are approximate, for catalogs of millions")
 
     # Encoder
     encoder_model: str = Field("", description="local transformers model path; empty: the packaged all-MiniLM-L6-v2")

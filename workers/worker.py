@@ -22,7 +22,8 @@ def build_pipeline(settings: Settings):
     profiles = open_profile_store(settings.redis_url, settings.key_prefix, dedupe_window=settings.dedupe_window,
                                   popularity_halflife_s=settings.popularity_halflife_s)
     items = open_item_index(settings.milvus_uri, encoder.dim, settings.milvus_collection,
-                            settings.milvus_token.get_secret_value(), settings.milvus_consistency)
+                            settings.milvus_token.get_secret_value(), settings.milvus_consistency,
+                            settings.milvus_index_type)
     return Pipeline(profiles, items, encoder, settings.model, Limits.from_settings(settings), k=settings.k,
                     item_cache=ItemCache(settings.item_cache_size, settings.item_cache_ttl_s))
 

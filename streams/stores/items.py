@@ -101,14 +101,14 @@ def _candidate(r: ItemRow, similarity: float) -> Candidate:
 
 
 def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", token: str = "",
-                    consistency: str = "Strong") -> ItemIndex:
+                    consistency: str = "Strong", index_type: str = "FLAT") -> ItemIndex:
     """The item index at ``uri`` for vectors of ``dim`` dimensions."""
     if uri.startswith("memory://"):
         return MemoryItemIndex(dim)
     if uri.startswith(("http://", "https://", "tcp://", "unix:")) or uri.endswith(".db"):
         from streams.stores.milvus_items import MilvusItemIndex
 
-        return MilvusItemIndex(uri, dim, collection, token=token, consistency=consistency)
+        return MilvusItemIndex(uri, dim, collection, token=token, consistency=consistency, index_type=index_type)
     raise ValueError(f"no item index for URI {uri!r} (use http(s)://host:port, a .db file, or memory://)")
 
 

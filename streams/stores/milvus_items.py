@@ -27,15 +27,17 @@ def milvus_client(uri: str, token: str = "", timeout: float | None = None):
 
 
 class MilvusItemIndex(ItemIndex):
-    """One collection: ``item_id`` (primary key), ``vector`` (COSINE), title, category, scenes,
+    """One collection: ``item_id`` (primary key), ``vector`` (COSINE, ``index_type``), title, category, scenes,
     availability and timestamp. The collection is created on first use; a collection of another
     dimension is an error (vectors of two encoders must never be mixed)."""
 
-    def __init__(self, uri: str, dim: int, collection: str, token: str = "", consistency: str = "Strong") -> None:
+    def __init__(self, uri: str, dim: int, collection: str, token: str = "", consistency: str = "Strong",
+                 index_type: str = "FLAT") -> None:
         self.uri = uri
         self.dim = dim
         self.collection = collection
         self.consistency = consistency
+        self.index_type = index_type
         self.client = milvus_client(uri, token)
         self._ensure()
 
@@ -61,7 +63,7 @@ class MilvusItemIndex(ItemIndex):
         schema.add_field("available", DataType.BOOL)
         schema.add_field("ts", DataType.DOUBLE)
         index = c.prepare_index_params()
-        index.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="COSINE")
+        index.add_index(field_name="vector", index_type=self.index_type, metric_type="COSINE")
         c.create_collection(self.collection, schema=schema, index_params=index, consistency_level=self.consistency)
 
     def upsert(self, rows: Sequence[ItemRow]) -> None:

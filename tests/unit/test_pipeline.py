@@ -187,3 +187,18 @@ def test_a_concurrent_writer_makes_the_batch_reread_and_apply_once(pipeline):
     p = asyncio.run(store.load(["u"]))["u"]
     assert p.version == 2 and p.clicks == 1
     assert asyncio.run(store.applied([("u", "e1"), ("u", "elsewhere")])) == [True, True]
+
+
+def test_lists_do_not_depend_on_how_events_are_batched():
+    """Each list sees the profile right after its event: nothing from later events in the batch."""
+    events = [click("e1", "u", items_of("jazz")[0], scene="tv"), click("e2", "u", items_of("cooking")[0], scene="tv"),
+              {"type": "query", "event_id": "e3", "user_id": "u", "text": "slow cooked stew", "timestamp": 1000.0,
+               "scene": "tv"},
+              click("e4", "u", items_of("travel")[0], scene="mobile"), click("e5", "u", items_of("jazz")[1], scene="tv")]
+    together, apart = make_pipeline(), make_pipeline()
+    for p in (together, apart):
+        asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+    one_batch = recs(asyncio.run(together.process_events(msgs(events))))
+    one_by_one = [recs(asyncio.run(apart.process_events(msgs([e]))))[0] for e in events]
+    assert [[i["item_id"] for i in r["items"]] for r in one_batch] == \
+           [[i["item_id"] for i in r["items"]] for r in one_by_one]
