@@ -102,3 +102,12 @@ def test_cli_record_and_replay(stack, log, tmp_path):
     assert rep.returncode == 0, rep.stderr
     assert json.loads(rep.stdout)["sent"] == 12
     assert len(log.read(dst, until=lambda r: len(r) >= 12, timeout_s=30)) == 12
+
+
+def test_record_between_two_times(stack, log, tmp_path):
+    src = f"rec-{uuid.uuid4().hex[:8]}"
+    fill(log, src, 20)  # message i at 1_700_000_000_000 + 10 * i ms
+    n = record(stack.kafka_bootstrap, [src], tmp_path / "t.jsonl.gz", start="1700000000.05",
+               end="1700000000.149", progress=False)
+    _, rows = read_recording(tmp_path / "t.jsonl.gz")
+    assert n == 10 and sorted(json.loads(r.value)["n"] for r in rows) == list(range(5, 15))
