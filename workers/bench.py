@@ -104,7 +104,7 @@ async def _limits(s: Settings, catalog: list[dict]) -> dict:
     encoder_tps = len(texts) / (time.perf_counter() - t)
 
     index = open_item_index(s.milvus_uri, enc.dim, s.milvus_collection, s.milvus_token.get_secret_value(),
-                            s.milvus_consistency, s.milvus_index_type)
+                            s.milvus_consistency, s.milvus_index_type, s.milvus_flush_writes)
     batches = [vecs[i:i + 64] for i in range(0, 512, 64)]
     limit = -(-(s.k * s.model.oversample) // 8) * 8  # what the worker asks for a user with no history
     index.search(batches[0], limit)

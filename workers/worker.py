@@ -23,7 +23,7 @@ def build_pipeline(settings: Settings):
                                   popularity_halflife_s=settings.popularity_halflife_s)
     items = open_item_index(settings.milvus_uri, encoder.dim, settings.milvus_collection,
                             settings.milvus_token.get_secret_value(), settings.milvus_consistency,
-                            settings.milvus_index_type)
+                            settings.milvus_index_type, settings.milvus_flush_writes)
     return Pipeline(profiles, items, encoder, settings.model, Limits.from_settings(settings), k=settings.k,
                     item_cache=ItemCache(settings.item_cache_size, settings.item_cache_ttl_s))
 

@@ -101,14 +101,15 @@ def _candidate(r: ItemRow, similarity: float) -> Candidate:
 
 
 def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", token: str = "",
-                    consistency: str = "Strong", index_type: str = "FLAT") -> ItemIndex:
+                    consistency: str = "Strong", index_type: str = "FLAT", flush_writes: bool = True) -> ItemIndex:
     """The item index at ``uri`` for vectors of ``dim`` dimensions."""
     if uri.startswith("memory://"):
         return MemoryItemIndex(dim)
     if uri.startswith(("http://", "https://", "tcp://", "unix:")) or uri.endswith(".db"):
         from streams.stores.milvus_items import MilvusItemIndex
 
-        return MilvusItemIndex(uri, dim, collection, token=token, consistency=consistency, index_type=index_type)
+        return MilvusItemIndex(uri, dim, collection, token=token, consistency=consistency, index_type=index_type,
+                               flush_writes=flush_writes)
     raise ValueError(f"no item index for URI {uri!r} (use http(s)://host:port, a .db file, or memory://)")
 
 

@@ -32,12 +32,13 @@ class MilvusItemIndex(ItemIndex):
     dimension is an error (vectors of two encoders must never be mixed)."""
 
     def __init__(self, uri: str, dim: int, collection: str, token: str = "", consistency: str = "Strong",
-                 index_type: str = "FLAT") -> None:
+                 index_type: str = "FLAT", flush_writes: bool = True) -> None:
         self.uri = uri
         self.dim = dim
         self.collection = collection
         self.consistency = consistency
         self.index_type = index_type
+        self.flush_writes = flush_writes
         self.client = milvus_client(uri, token)
         self._ensure()
 
@@ -73,10 +74,14 @@ class MilvusItemIndex(ItemIndex):
                  "title": r.title[:8000], "category": r.category[:1000], "scenes": list(r.scenes)[:MAX_SCENES],
                  "available": bool(r.available), "ts": float(r.timestamp)} for r in rows]
         self.client.upsert(self.collection, data)
+        if self.flush_writes:
+            self.client.flush(self.collection)
 
     def delete(self, item_ids: Sequence[str]) -> None:
         if item_ids:
             self.client.delete(self.collection, ids=list(item_ids))
+            if self.flush_writes:
+                self.client.flush(self.collection)
 
     def get(self, item_ids: Sequence[str]) -> dict[str, Candidate]:
         if not item_ids:
