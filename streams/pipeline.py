@@ -81,6 +81,10 @@ class ItemCache:
         self._d.pop(item_id, None)
 
 
+def _attrs(c: Candidate) -> tuple:
+    return c.vector, c.title, c.category, c.scenes
+
+
 class _SeenView:
     """The seen set as it was right after one event of a batch."""
 
@@ -345,11 +349,12 @@ class Pipeline:
             for i, h in zip(idx, hits, strict=True):
                 results[i] = h
         bare = [c.item_id for hits in results.values() for c in hits if c.vector is None]
-        if bare:
+        if bare:  # the index returned ids and scores only: add vectors and attributes
             known = await self.fetch_items(bare)
             for i, hits in results.items():
-                results[i] = [Candidate(c.item_id, c.similarity, k.vector, k.title, k.category, k.scenes)
-                              for c in hits if (k := known.get(c.item_id) if c.vector is None else c) is not None]
+                results[i] = [c if c.vector is not None else
+                              Candidate(c.item_id, c.similarity, *_attrs(known[c.item_id]))
+                              for c in hits if c.vector is not None or c.item_id in known]
         pool_size = max(a.k for a in answers) * 2 + max(len(a.exclude) for a in answers)
         cold_pools: dict[Optional[str], tuple[list[Candidate], list[Candidate]]] = {}
         produced: list[Recommendations] = []

@@ -12,7 +12,9 @@ T = TypeVar("T")
 
 def transient(exc: BaseException) -> bool:
     """Errors of an unavailable service or a concurrent writer: worth retrying. Others propagate."""
-    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError, OSError)):
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    if getattr(exc, "retriable", False):  # Kafka client errors mark themselves
         return True
     name = type(exc).__name__
     module = type(exc).__module__

@@ -68,11 +68,6 @@ class WorkerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def kill(self) -> None:
-        """SIGKILL: a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 def encode_line(obj: dict) -> tuple[Optional[bytes], bytes]:

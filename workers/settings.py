@@ -77,8 +77,7 @@ class Settings(BaseSettings):
     model: ModelParams = Field(default_factory=ModelParams, description="profile update and ranking parameters")
 
     # The embedded stack
-    data_dir: str = Field(".streamrec", description="where `streamrec up` keeps its files")
-    report_dir: str = Field("reports", description="where tests and tools write reports")
+    data_dir: str = Field(".streamrec", description="where `streamrec up` keeps its files and a worker Faust's")
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked, for printing."""

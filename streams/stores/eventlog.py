@@ -111,18 +111,6 @@ class KafkaEventLog:
         finally:
             consumer.close()
 
-    def end_offsets(self, topic: str) -> dict[int, int]:
-        """The next offset of every partition of ``topic``."""
-        from kafka import KafkaConsumer, TopicPartition
-
-        consumer = KafkaConsumer(**self._common(), enable_auto_commit=False, group_id=None)
-        try:
-            parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
-        finally:
-            consumer.close()
-
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close()

@@ -57,10 +57,6 @@ class ItemIndex(abc.ABC):
     def close(self) -> None:
         """Release connections."""
 
-    def describe(self) -> dict:
-        """Implementation and version, for summaries."""
-        return {"item_index": type(self).__name__}
-
 
 class MemoryItemIndex(ItemIndex):
     """Exact search over a numpy matrix."""

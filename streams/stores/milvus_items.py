@@ -108,13 +108,6 @@ class MilvusItemIndex(ItemIndex):
                                  consistency_level="Strong")
         return int(rows[0]["count(*)"])
 
-    def describe(self) -> dict:
-        try:
-            version = self.client.get_server_version()
-        except Exception:  # noqa: BLE001 - a version is informative only
-            version = "unknown"
-        return {"item_index": "milvus", "milvus_version": version}
-
     def close(self) -> None:
         self.client.close()
 

@@ -198,11 +198,6 @@ class RedisProfileStore(ProfileStore):
         out.update({k.decode(): int(v) for k, v in raw.items()})
         return out
 
-    async def info(self) -> dict:
-        """Server version and memory, for summaries."""
-        info = await self.redis.info("server")
-        return {"redis_version": info.get("redis_version")}
-
     async def close(self) -> None:
         await self.redis.aclose()
 
