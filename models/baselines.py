@@ -1,14 +1,18 @@
 """Baseline recommenders for evaluation, each seeing the events in order and never the future:
-``recommend`` before ``update`` for every event. Seen items are excluded by every system alike."""
+``recommend`` before ``update`` for every event. Seen items are excluded by every system alike.
+
+Every system keeps an item -> index map over the catalog (items first seen in ``update`` are
+appended), scores all items as one numpy vector, sets the excluded items to -inf and takes the
+top k (``np.argpartition``, then score descending, ties in catalog order). None returns an
+excluded item or a duplicate, and each returns fewer than k items only when fewer are left."""
 
 from __future__ import annotations
 
 import abc
-import heapq
-import math
 import random
-from collections import defaultdict
 from typing import Iterable, Sequence
+
+import numpy as np
 
 
 class Baseline(abc.ABC):
@@ -26,97 +30,395 @@ class Baseline(abc.ABC):
         """Items that exist (the catalog)."""
 
 
+class _ItemIndex:
+    """Item ids <-> dense indices in first-seen order (the catalog, then items met in updates)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.pos: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, item: str) -> int:
+        i = self.pos.get(item)
+        if i is None:
+            i = self.pos[item] = len(self.ids)
+            self.ids.append(item)
+        return i
+
+    def extend(self, items: Iterable[str]) -> None:
+        for item in items:
+            self.add(item)
+
+    def new_count(self, items: Iterable[str]) -> int:
+        """How many distinct items of ``items`` are not indexed yet."""
+        return len({i for i in items if i not in self.pos})
+
+    def indices(self, items: Iterable[str]) -> np.ndarray:
+        """Indices of the indexed ones among ``items`` (unknown ids are skipped)."""
+        try:
+            return np.fromiter(map(self.pos.__getitem__, items), dtype=np.intp)
+        except KeyError:
+            return np.fromiter((self.pos[i] for i in items if i in self.pos), dtype=np.intp)
+
+    def to_ids(self, idx: np.ndarray) -> list[str]:
+        ids = self.ids
+        return [ids[i] for i in idx.tolist()]
+
+
+def _grown(arr: np.ndarray, n: int) -> np.ndarray:
+    """``arr`` with at least ``n`` rows: doubled and zero-filled when too short."""
+    if arr.shape[0] >= n:
+        return arr
+    out = np.zeros((max(n, 2 * arr.shape[0]),) + arr.shape[1:], dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+_blas = None
+
+
+def _one_blas_thread():
+    """Context that runs BLAS on this thread only. The per-call products here are small; on a
+    busy machine waking a second BLAS thread costs more than the product itself."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
+def _top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``k`` best scores, best first, ties in index order; ``exclude`` indices and
+    -inf scores never come back. ``scores`` is modified (pass a copy of anything you keep)."""
+    if exclude is not None and len(exclude):
+        scores[exclude] = -np.inf
+    n = scores.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, dtype=np.intp)
+    if k < n:
+        part = np.argpartition(-scores, k - 1)[:k]
+        threshold = scores[part].min()
+        cand = np.flatnonzero(scores >= threshold)  # ascending index: all ties at the boundary
+    else:
+        cand = np.arange(n)
+    best = cand[np.argsort(-scores[cand], kind="stable")[:k]]
+    return best[scores[best] > -np.inf]
+
+
 class RandomBaseline(Baseline):
-    """Uniform over the catalog's items not excluded."""
+    """Uniform over the catalog's items not excluded: k distinct items, seeded by ``seed``."""
 
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
-        self.rng = random.Random(seed)
-        self.items: list[str] = []
+        self.rng = np.random.default_rng(seed)
+        self.items = _ItemIndex()
 
     def add_items(self, items: Iterable[str]) -> None:
         self.items.extend(items)
 
     def recommend(self, user: str, k: int, exclude: set[str]) -> list[str]:
-        out: list[str] = []
-        tries = 0
-        chosen: set[str] = set()
-        while len(out) < k and tries < 20 * k:
-            tries += 1
-            i = self.items[self.rng.randrange(len(self.items))]
-            if i not in exclude and i not in chosen:
-                chosen.add(i)
-                out.append(i)
-        if len(out) < k:  # nearly everything excluded: sample from what is left
-            rest = [i for i in self.items if i not in exclude and i not in chosen]
-            out += self.rng.sample(rest, min(k - len(out), len(rest)))
-        return out
+        n = len(self.items)
+        excl = self.items.indices(exclude)
+        # a uniform draw of k + |excluded| distinct items holds at least k allowed ones (if there are)
+        draw = self.rng.choice(n, size=min(n, k + len(excl)), replace=False)
+        if len(excl):
+            blocked = np.zeros(n, dtype=bool)
+            blocked[excl] = True
+            draw = draw[~blocked[draw]]
+        return self.items.to_ids(draw[:k])
 
     def update(self, user: str, item: str, timestamp: float) -> None:
-        pass
+        self.items.add(item)
 
 
 class PopularityBaseline(Baseline):
-    """Most clicked so far; with ``halflife_s``, clicks decay with event time."""
+    """Most clicked so far. With ``halflife_s``, each click weighs 2^((t - t_ref) / halflife_s)
+    (event time t), i.e. clicks decay with that half-life; the reference time moves forward and
+    the counts rescale when weights grow large, so values stay finite."""
 
     def __init__(self, halflife_s: float | None = None) -> None:
         self.halflife = halflife_s
         self.name = "recent_popularity" if halflife_s else "popularity"
-        self.score: dict[str, float] = defaultdict(float)
+        self.items = _ItemIndex()
+        self.counts = np.zeros(0)  # per item index (may be longer than the index)
         self.ref: float | None = None
 
+    def add_items(self, items: Iterable[str]) -> None:
+        self.items.extend(items)
+        self.counts = _grown(self.counts, len(self.items))
+
     def update(self, user: str, item: str, timestamp: float) -> None:
+        i = self.items.add(item)
+        self.counts = _grown(self.counts, len(self.items))
         w = 1.0
         if self.halflife:
             if self.ref is None:
                 self.ref = timestamp
             e = (timestamp - self.ref) / self.halflife
             if e > 500:  # rescale to stay in float range
-                for key in self.score:
-                    self.score[key] *= 2.0 ** -e
+                self.counts *= 2.0 ** -e
                 self.ref, e = timestamp, 0.0
             w = 2.0 ** e
-        self.score[item] += w
+        self.counts[i] += w
 
     def recommend(self, user: str, k: int, exclude: set[str]) -> list[str]:
-        best = heapq.nsmallest(k + len(exclude), self.score.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [i for i, _ in best if i not in exclude][:k]
+        scores = self.counts[: len(self.items)].copy()
+        return self.items.to_ids(_top_k(scores, k, self.items.indices(exclude)))
 
 
 class ItemKnnBaseline(Baseline):
-    """Item-to-item co-occurrence: items clicked by the same users, scored from the user's
-    ``recent`` last clicks with cosine-normalised counts."""
+    """Item-to-item co-occurrence kNN: two items co-occur when the same user clicked both (each new
+    click pairs with the user's last ``max_history`` clicks). A user's list scores item j by
+    sum over the user's last ``recent`` clicks i of co(i, j) / sqrt(count(i) * count(j)) (cosine of
+    click counts); items with no co-occurrence are filled in by popularity. Co-occurrences live in
+    a dense float32 matrix, so a catalog above ``max_items`` items is refused with a ValueError."""
 
     name = "item_knn"
 
-    def __init__(self, recent: int = 20, max_history: int = 200) -> None:
-        self.recent, self.max_history = recent, max_history
-        self.co: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.count: dict[str, int] = defaultdict(int)
-        self.history: dict[str, list[str]] = defaultdict(list)
-        self.fallback = PopularityBaseline()
+    def __init__(self, recent: int = 20, max_history: int = 200, max_items: int = 20_000) -> None:
+        self.recent, self.max_history, self.max_items = recent, max_history, max_items
+        self.items = _ItemIndex()
+        self.co = np.zeros((0, 0), dtype=np.float32)
+        self.count = np.zeros(0)
+        self.inv_sqrt = np.zeros(0, dtype=np.float32)  # 1 / sqrt(count), 0 where count is 0
+        self.history: dict[str, list[int]] = {}
+
+    def _check_size(self, n: int) -> None:
+        if n > self.max_items:
+            raise ValueError(
+                f"item_knn keeps a dense {n:,} x {n:,} float32 co-occurrence matrix: {n:,} items "
+                f"would need {n * n * 4 / 1e9:.1f} GB, above max_items={self.max_items:,}; "
+                f"skip item_knn for this catalog or raise max_items")
+
+    def _reserve(self, n: int) -> None:
+        cap = self.co.shape[0]
+        if n <= cap:
+            return
+        self._check_size(n)
+        # zero pages are allocated lazily, so headroom costs memory only once used
+        new_cap = min(self.max_items, max(n + 64, cap + cap // 4))
+        co = np.zeros((new_cap, new_cap), dtype=np.float32)
+        co[:cap, :cap] = self.co
+        self.co = co
+        self.count = _grown(self.count, new_cap)
+        self.inv_sqrt = _grown(self.inv_sqrt, new_cap)
+
+    def add_items(self, items: Iterable[str]) -> None:
+        items = list(items)
+        self._check_size(len(self.items) + self.items.new_count(items))
+        self.items.extend(items)
+        self._reserve(len(self.items))
 
     def update(self, user: str, item: str, timestamp: float) -> None:
-        hist = self.history[user]
-        for other in hist[-self.max_history:]:
-            if other != item:
-                self.co[item][other] += 1.0
-                self.co[other][item] += 1.0
-        self.count[item] += 1
-        hist.append(item)
-        self.fallback.update(user, item, timestamp)
+        if item not in self.items.pos:
+            self._reserve(len(self.items) + 1)
+        i = self.items.add(item)
+        hist = self.history.setdefault(user, [])
+        if hist:
+            others = np.asarray(hist[-self.max_history:], dtype=np.intp)
+            others, times = np.unique(others[others != i], return_counts=True)
+            self.co[i, others] += times
+            self.co[others, i] += times
+        self.count[i] += 1
+        self.inv_sqrt[i] = 1.0 / np.sqrt(self.count[i])
+        hist.append(i)
 
     def recommend(self, user: str, k: int, exclude: set[str]) -> list[str]:
-        scores: dict[str, float] = defaultdict(float)
-        for src in self.history.get(user, [])[-self.recent:]:
-            for dst, c in self.co[src].items():
-                if dst not in exclude:
-                    scores[dst] += c / math.sqrt(self.count[src] * self.count[dst])
-        ranked = [i for i, _ in heapq.nsmallest(k, scores.items(), key=lambda kv: (-kv[1], kv[0]))]
-        if len(ranked) < k:
-            ranked += [i for i in self.fallback.recommend(user, k, exclude | set(ranked))][: k - len(ranked)]
-        return ranked
+        n = len(self.items)
+        excl = self.items.indices(exclude)
+        recent = self.history.get(user, [])[-self.recent:]
+        ranked = np.empty(0, dtype=np.intp)
+        if recent:
+            src = np.asarray(recent, dtype=np.intp)
+            inv = self.inv_sqrt[:n]
+            with _one_blas_thread():
+                scores = (inv[src] @ self.co[src, :n]) * inv
+            scores[scores <= 0] = -np.inf  # only items that co-occur
+            ranked = _top_k(scores, k, excl)
+        if len(ranked) < k:  # fill in by popularity
+            fill = _top_k(self.count[:n].copy(), k - len(ranked), np.concatenate([excl, ranked]))
+            ranked = np.concatenate([ranked, fill])
+        return self.items.to_ids(ranked)
+
+
+class RiverMFBaseline(Baseline):
+    """Online biased matrix factorisation (``river.reco.BiasedMF``, squared loss, SGD). A click is a
+    positive (``learn_one(user, item, 1.0)``) followed by ``negatives`` zeros on items drawn
+    uniformly from the catalog among those the user never clicked (seeded by ``seed``).
+    Parameters: ``n_factors`` latent size, ``lr`` SGD step for biases and latents, ``l2`` their L2
+    penalty, ``init_sigma`` the latents' initial spread. Ranking is item_latents @ user_latent +
+    item_bias over numpy mirrors of the model's item parameters (never touched items: zeros)."""
+
+    name = "river_mf"
+
+    def __init__(self, n_factors: int = 32, lr: float = 0.05, l2: float = 0.001, negatives: int = 4,
+                 init_sigma: float = 0.1, seed: int = 0) -> None:
+        from river import optim, reco
+
+        self.model = reco.BiasedMF(
+            n_factors=n_factors, bias_optimizer=optim.SGD(lr), latent_optimizer=optim.SGD(lr),
+            l2_bias=l2, l2_latent=l2,
+            latent_initializer=optim.initializers.Normal(mu=0.0, sigma=init_sigma, seed=seed), seed=seed)
+        self.negatives = negatives
+        self.rng = random.Random(seed)
+        self.items = _ItemIndex()
+        self.latents = np.zeros((0, n_factors))
+        self.biases = np.zeros(0)
+        self.clicked: dict[str, set[int]] = {}
+
+    def _fit_arrays(self) -> None:
+        self.latents = _grown(self.latents, len(self.items))
+        self.biases = _grown(self.biases, len(self.items))
+
+    def add_items(self, items: Iterable[str]) -> None:
+        self.items.extend(items)
+        self._fit_arrays()
+
+    def _learn(self, user: str, item: str, i: int, y: float) -> None:
+        self.model.learn_one(user, item, y)
+        self.latents[i] = self.model.i_latents[item]
+        self.biases[i] = self.model.i_biases[item]
+
+    def _negative(self, clicked: set[int]) -> int | None:
+        n = len(self.items)
+        if len(clicked) >= n:
+            return None
+        for _ in range(64):
+            j = self.rng.randrange(n)
+            if j not in clicked:
+                return j
+        return self.rng.choice([j for j in range(n) if j not in clicked])
+
+    def update(self, user: str, item: str, timestamp: float) -> None:
+        i = self.items.add(item)
+        self._fit_arrays()
+        clicked = self.clicked.setdefault(user, set())
+        clicked.add(i)
+        self._learn(user, item, i, 1.0)
+        for _ in range(self.negatives):
+            j = self._negative(clicked)
+            if j is None:
+                break
+            self._learn(user, self.items.ids[j], j, 0.0)
+
+    def recommend(self, user: str, k: int, exclude: set[str]) -> list[str]:
+        n = len(self.items)
+        scores = self.biases[:n].copy()
+        u = self.model.u_latents.get(user)  # .get: asking does not create the user
+        if u is not None:
+            with _one_blas_thread():
+                scores += self.latents[:n] @ u
+        return self.items.to_ids(_top_k(scores, k, self.items.indices(exclude)))
+
+
+class _Row:
+    """One user's clicks as growing numpy arrays: item indices (first-click order) and counts."""
+
+    def __init__(self) -> None:
+        self.pos: dict[int, int] = {}
+        self.cols = np.zeros(8, dtype=np.int32)
+        self.vals = np.zeros(8, dtype=np.float32)
+        self.n = 0
+
+    def add(self, i: int) -> None:
+        p = self.pos.get(i)
+        if p is None:
+            p = self.pos[i] = self.n
+            self.n += 1
+            self.cols, self.vals = _grown(self.cols, self.n), _grown(self.vals, self.n)
+            self.cols[p] = i
+        self.vals[p] += 1.0
+
+
+class ImplicitALSBaseline(Baseline):
+    """Implicit-feedback ALS (``implicit.cpu.als.AlternatingLeastSquares``, Hu et al. 2008) on the
+    users x items matrix of click counts, retrained from scratch every ``retrain_every`` clicks
+    (``trainings`` counts the fits). Between fits a user's factor is recomputed from all their
+    current clicks (``recalculate_user``), so new clicks and new users count at once; items not
+    in the last fit score 0. Before the first fit, and for users without clicks, it ranks by
+    click counts. Parameters: ``factors`` latent size, ``seed`` the fit's random_state; the rest
+    are implicit's defaults."""
+
+    name = "implicit_als"
+
+    def __init__(self, retrain_every: int = 5000, factors: int = 64, seed: int = 0) -> None:
+        self.retrain_every, self.factors, self.seed = retrain_every, factors, seed
+        self.items = _ItemIndex()
+        self.counts = np.zeros(0)  # clicks per item: the fallback ranking
+        self.users: dict[str, _Row] = {}  # each user's clicks: item indices and counts
+        self.clicks = 0
+        self.trainings = 0
+        self.model = None
+        self.item_factors: np.ndarray | None = None
+
+    def add_items(self, items: Iterable[str]) -> None:
+        self.items.extend(items)
+        self.counts = _grown(self.counts, len(self.items))
+
+    def update(self, user: str, item: str, timestamp: float) -> None:
+        i = self.items.add(item)
+        self.counts = _grown(self.counts, len(self.items))
+        self.counts[i] += 1
+        row = self.users.get(user)
+        if row is None:
+            row = self.users[user] = _Row()
+        row.add(i)
+        self.clicks += 1
+        if self.clicks % self.retrain_every == 0:
+            self._train()
+
+    def _train(self) -> None:
+        import scipy.sparse as sp
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        rows = list(self.users.values())
+        indptr = np.cumsum([0] + [row.n for row in rows])
+        cols = np.concatenate([row.cols[: row.n] for row in rows])
+        vals = np.concatenate([row.vals[: row.n] for row in rows])
+        matrix = sp.csr_matrix((vals, cols, indptr), shape=(len(rows), len(self.items)))
+        matrix.sort_indices()
+        with threadpool_limits(1, "blas"):  # implicit's advice: BLAS threads fight its own
+            model = AlternatingLeastSquares(factors=self.factors, random_state=self.seed)
+            model.fit(matrix, show_progress=False)
+        # one user at a time: OpenMP threads for a single row cost ~100x more than they save
+        # (idle threads spin and starve BLAS), so recalculate_user runs on this thread only
+        model.num_threads = 1
+        self.model, self.item_factors = model, model.item_factors
+        _ = model.YtY  # computed once per fit here, not on the first recalculate_user
+        self.trainings += 1
+
+    def _user_factor(self, user: str) -> np.ndarray | None:
+        import scipy.sparse as sp
+
+        row = self.users.get(user)
+        if self.model is None or row is None:
+            return None
+        trained = self.item_factors.shape[0]
+        cols, vals = row.cols[: row.n], row.vals[: row.n]
+        if len(self.items) > trained:  # items added since the fit are unknown to the model
+            known = cols < trained
+            cols, vals = cols[known], vals[known]
+        if not len(cols):
+            return None
+        one = sp.csr_matrix((vals, cols, np.array([0, len(cols)], dtype=np.int32)), shape=(1, trained))
+        return self.model.recalculate_user(0, one)
+
+    def recommend(self, user: str, k: int, exclude: set[str]) -> list[str]:
+        n = len(self.items)
+        factor = self._user_factor(user)
+        if factor is None:
+            scores = self.counts[:n].copy()
+        else:
+            scores = np.zeros(n)
+            with _one_blas_thread():
+                scores[: self.item_factors.shape[0]] = self.item_factors @ factor
+        return self.items.to_ids(_top_k(scores, k, self.items.indices(exclude)))
 
 
 class OracleBaseline(Baseline):

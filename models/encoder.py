@@ -28,7 +28,8 @@ class TextEncoder:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         max_length: tokens kept per text.
         batch_size: texts per forward pass.
-        threads: torch CPU threads (0: all cores).
+        threads: torch CPU threads (0: all cores but one, at least one: torch threads that compete
+            with other busy processes for cores slow down sharply).
 
     One encode runs at a time (a lock), since concurrent forward passes only contend for cores.
     """
@@ -43,8 +44,10 @@ class TextEncoder:
         self.model_path = model_path or default_model_path()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if threads:
-            torch.set_num_threads(threads)
+        if not threads:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            threads = max(1, cores - 1)
+        torch.set_num_threads(threads)
         self.device = device
         self.max_length = max_length
         self.batch_size = batch_size

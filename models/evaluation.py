@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+import time
+from typing import Callable, Mapping, Sequence
 
 SEGMENTS = (("2-5", 2, 5), ("6+", 6, None))  # earlier events of the user, inclusive bounds
 
@@ -55,7 +56,7 @@ class Scorer:
     _all: _Sums = field(default_factory=_Sums)
     _segments: dict = field(default_factory=lambda: {name: _Sums() for name, _, _ in SEGMENTS})
     _recommended: set = field(default_factory=set)
-    curve: list = field(default_factory=list)  # (events scored, running HR) every 100 events
+    hits: bytearray = field(default_factory=bytearray)  # 1 per scored click that hit, in stream order
 
     def score(self, items: Sequence[str], target: str, history: int) -> int | None:
         """Score one list against the item the user clicked next; returns its rank or None.
@@ -66,8 +67,7 @@ class Scorer:
         if seg is not None:
             self._segments[seg].add(rank)
         self._recommended.update(items[: self.k])
-        if self._all.n % 100 == 0:
-            self.curve.append((self._all.n, self._all.hits / self._all.n))
+        self.hits.append(rank is not None)
         return rank
 
     def result(self) -> dict:
@@ -77,27 +77,72 @@ class Scorer:
         return out
 
 
-def evaluate_stream(events: Sequence[dict], systems: Sequence, k: int, catalog: Sequence[str]) -> dict[str, dict]:
-    """Run ``systems`` (objects with ``recommend(user, k, exclude)`` and ``update(user, item, t)``)
-    over ``events`` in order, test-then-train: after every event of a user each system makes
-    that user's list (seen items excluded); the user's next click is scored against it.
-    Queries make lists but teach the systems nothing. Returns each system's metrics."""
+def windowed_hit_rate(hits: Sequence[int], window: int) -> list[tuple[int, float]]:
+    """(scored clicks so far, HR over the last ``window`` of them), one point per ``window // 4``."""
+    step = max(window // 4, 1)
+    out = []
+    total = 0
+    prefix = [0]
+    for h in hits:
+        total += h
+        prefix.append(total)
+    for end in range(window, len(hits) + 1, step):
+        out.append((end, (prefix[end] - prefix[end - window]) / window))
+    return out
+
+
+class StreamResult(dict):
+    """Metrics by system name, with each system's per-click ``hits`` and ``seconds`` spent."""
+
+    def __init__(self, metrics: dict[str, dict], hits: dict[str, bytearray], seconds: dict[str, float]) -> None:
+        super().__init__(metrics)
+        self.hits, self.seconds = hits, seconds
+
+
+def evaluate_stream(events: Sequence[dict], systems: Sequence, k: int, catalog: Sequence[str],
+                    recorded: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+                    progress: Callable[[int], None] | None = None) -> StreamResult:
+    """Run ``systems`` (objects with ``name``, ``add_items(catalog)``, ``recommend(user, k, exclude)``
+    and ``update(user, item, t)``) over ``events`` in order, test-then-train: after every event of
+    a user each system makes that user's list (seen items excluded); the user's next click is
+    scored against it. Queries make lists but teach the systems nothing.
+
+    ``recorded`` adds systems whose lists were made elsewhere: ``{name: {event_id: items}}``, the
+    list made after each event (a missing list scores as empty). ``progress(n)`` is called every
+    1,000 events."""
+    recorded = recorded or {}
+    seconds = {s.name: 0.0 for s in systems}
     for system in systems:
+        t = time.perf_counter()
         system.add_items(catalog)
-    scorers = {s.name: Scorer(k, len(catalog)) for s in systems}
-    last: dict[str, dict[str, list[str]]] = {}
+        seconds[system.name] += time.perf_counter() - t
+    names = [s.name for s in systems] + list(recorded)
+    scorers = {name: Scorer(k, len(catalog)) for name in names}
+    last: dict[str, dict[str, Sequence[str]]] = {}
     seen: dict[str, set[str]] = {}
     history: dict[str, int] = {}
-    for e in events:
+    for n, e in enumerate(events):
         user = e["user_id"]
         if e["type"] == "click":
             if user in last:
-                for s in systems:
-                    scorers[s.name].score(last[user][s.name], e["item_id"], history[user])
+                for name in names:
+                    scorers[name].score(last[user][name], e["item_id"], history[user])
             for s in systems:
+                t = time.perf_counter()
                 s.update(user, e["item_id"], e["timestamp"])
+                seconds[s.name] += time.perf_counter() - t
             seen.setdefault(user, set()).add(e["item_id"])
         history[user] = history.get(user, 0) + 1
         exclude = seen.get(user, set())
-        last[user] = {s.name: s.recommend(user, k, exclude) for s in systems}
-    return {name: sc.result() for name, sc in scorers.items()}
+        lists: dict[str, Sequence[str]] = {}
+        for s in systems:
+            t = time.perf_counter()
+            lists[s.name] = s.recommend(user, k, exclude)
+            seconds[s.name] += time.perf_counter() - t
+        for name, by_event in recorded.items():
+            lists[name] = by_event.get(e["event_id"], ())
+        last[user] = lists
+        if progress and (n + 1) % 1000 == 0:
+            progress(1000)
+    return StreamResult({name: sc.result() for name, sc in scorers.items()},
+                        {name: sc.hits for name, sc in scorers.items()}, seconds)

@@ -30,6 +30,7 @@ class ModelParams:
     intent_decay: float = 0.5  # the intent's strength is multiplied by this at every later click
     w_interest: float = 0.1  # boost by the interest probability of the item's category
     w_scene_item: float = 0.03  # boost for items offered in the request's scene
+    w_popularity: float = 0.15  # boost by an item's decayed popularity relative to the most popular (0: off)
     diversity: float = 0.02  # penalty per item of the same category already in the list
     oversample: int = 2  # candidates fetched per slot in the list
     history_size: int = 50

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -34,13 +34,15 @@ class Ranked:
 
 def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optional[str], categories: int,
          params: ModelParams, exclude: frozenset[str] | set[str] = frozenset(),
-         only_categories: Sequence[str] = ()) -> list[Ranked]:
+         only_categories: Sequence[str] = (), popularity: Mapping[str, float] | None = None) -> list[Ranked]:
     """Order ``candidates`` for ``profile`` and keep ``k``.
 
-    score = cosine(user, item) + w_interest * (P(category) - uniform) + w_scene_item * [offered in scene],
-    then a greedy diversity step subtracts ``diversity`` per item of the same category already
-    chosen. Seen and excluded items never come back.
+    score = cosine(user, item) + w_interest * (P(category) - uniform) + w_popularity * popularity
+    + w_scene_item * [offered in scene], then a greedy diversity step subtracts ``diversity`` per
+    item of the same category already chosen. ``popularity``: item id -> decayed popularity
+    relative to the most popular item (0 to 1; absent: 0). Seen and excluded items never come back.
     """
+    popularity = popularity or {}
     dist = interest_distribution(profile, max(categories, 1), params)
     uniform = 1.0 / max(categories, 1)
     pool: list[tuple[float, Candidate]] = []
@@ -52,7 +54,7 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
             continue
         seen_ids.add(c.item_id)
         p = dist.get(c.category, dist["*"]) if c.category else uniform
-        s = c.similarity + params.w_interest * (p - uniform)
+        s = c.similarity + params.w_interest * (p - uniform) + params.w_popularity * popularity.get(c.item_id, 0.0)
         if scene and c.scenes and scene in c.scenes:
             s += params.w_scene_item
         pool.append((s, c))
@@ -70,12 +72,14 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
         s, c = pool.pop(best_i)
         per_category[c.category] = per_category.get(c.category, 0) + 1
         chosen.append((best_s, c))
-    return [Ranked(c.item_id, round(float(s), 6), explain(profile, c, dist, params), c.title, c.category)
-            for s, c in chosen]
+    return [Ranked(c.item_id, round(float(s), 6), explain(profile, c, dist, params, popularity.get(c.item_id, 0.0)),
+                   c.title, c.category) for s, c in chosen]
 
 
-def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: ModelParams) -> str:
-    """A short reason: the recent click or query the item is closest to, else the interest it matches."""
+def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: ModelParams,
+            popularity: float = 0.0) -> str:
+    """A short reason: the recent click or query the item is closest to, else the interest it
+    matches, else its popularity."""
     if item.vector is not None and profile.explainers:
         sims = [float(np.dot(e.vector, item.vector)) for e in profile.explainers]
         best = int(np.argmax(sims))
@@ -86,6 +90,8 @@ def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: M
             return f"similar to {_clip(e.label)} you clicked"
     if item.category and item.category in profile.interest:
         return f"matches your interest in {item.category} ({dist.get(item.category, 0.0):.0%})"
+    if popularity >= 0.5:
+        return "popular now, close to your taste"
     return "close to your recent activity"
 
 

@@ -30,6 +30,8 @@ from streams.stores.items import ItemIndex, ItemRow
 from streams.stores.profiles import ConflictError, PopularityUpdate, ProfileStore
 
 MODEL_VERSION = "streamrec-1"
+#: Seen sets at least this large are excluded in the item index instead of over-fetched.
+EXCLUDE_IN_INDEX = 64
 
 
 @dataclass
@@ -338,16 +340,52 @@ class Pipeline:
         for a in answers:
             a.vector = query_vector(a.profile, a.scene, p)
         results: dict[int, list[Candidate]] = {}
-        buckets: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+        # One search per bucket. Small seen sets are over-fetched (the limit grows by their size).
+        # A large one is excluded in the index, once for all of its user's lists in the batch: the
+        # seen set after the whole batch is excluded, and the items the user clicks later in the
+        # batch (unseen when an earlier list is made) join that list's candidates, scored here.
+        final: dict[int, tuple[Any, set[str]]] = {}  # id(seen before the batch) -> (it, + batch clicks)
+        for a in answers:
+            seen = a.profile.seen
+            if a.vector is not None and isinstance(seen, _SeenView):
+                final.setdefault(id(seen.base), (seen.base, set()))[1].update(seen.added)
+        buckets: dict[tuple, tuple[int, list[int], Any]] = {}
+        late: dict[int, list[str]] = {}
         for i, a in enumerate(answers):
-            if a.vector is not None:
-                need = a.k * p.oversample + len(a.profile.seen) + len(a.exclude)
-                limit = -(-need // 8) * 8  # few distinct limits: few searches
-                buckets.setdefault((limit, a.only_categories), []).append(i)
-        for (limit, only), idx in buckets.items():
-            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only)
+            if a.vector is None:
+                continue
+            seen = a.profile.seen
+            base, added = (seen.base, seen.added) if isinstance(seen, _SeenView) else (seen, frozenset())
+            batch_clicks = final[id(base)][1] if id(base) in final else set()
+            need = a.k * p.oversample + len(a.exclude)
+            if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
+                key: tuple = (a.only_categories, id(base))
+                exclude: Any = (base, batch_clicks)
+                late[i] = [c for c in batch_clicks if c not in added and c not in base]
+            else:
+                need += len(seen)
+                key = (a.only_categories, None, -(-need // 8))  # few distinct limits: few searches
+                exclude = None
+            limit, idx, _ = buckets.get(key, (0, [], exclude))
+            idx.append(i)
+            buckets[key] = (max(limit, need), idx, exclude)
+        for (only, *_), (limit, idx, exclude) in buckets.items():
+            limit = -(-limit // 8) * 8
+            excluded = set().union(*exclude) if exclude else ()
+            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only,
+                                   excluded)
             for i, h in zip(idx, hits, strict=True):
                 results[i] = h
+        if late:
+            known = await self.fetch_items([c for ids in late.values() for c in ids])
+            for i, ids in late.items():
+                rows = [known[c] for c in ids if c in known and known[c].vector is not None
+                        and (not answers[i].only_categories or known[c].category in answers[i].only_categories)]
+                if rows:
+                    sims = np.stack([c.vector for c in rows]) @ answers[i].vector
+                    top = np.argsort(-sims, kind="stable")[: answers[i].k * p.oversample]
+                    results[i] = results[i] + [Candidate(rows[j].item_id, float(sims[j]), *_attrs(rows[j]))
+                                               for j in top]
         bare = [c.item_id for hits in results.values() for c in hits if c.vector is None]
         if bare:  # the index returned ids and scores only: add vectors and attributes
             known = await self.fetch_items(bare)
@@ -355,22 +393,29 @@ class Pipeline:
                 results[i] = [c if c.vector is not None else
                               Candidate(c.item_id, c.similarity, *_attrs(known[c.item_id]))
                               for c in hits if c.vector is not None or c.item_id in known]
-        pool_size = max(a.k for a in answers) * 2 + max(len(a.exclude) for a in answers)
-        cold_pools: dict[Optional[str], tuple[list[Candidate], list[Candidate]]] = {}
+        # Popular items join every personalised list's candidates (scored by cosine like the rest,
+        # plus the popularity boost) and fill the cold-start lists.
+        pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
+        pools: dict[Optional[str], tuple[list[Candidate], list[Candidate], dict[str, float]]] = {}
         produced: list[Recommendations] = []
         for i, a in enumerate(answers):
+            if a.scene not in pools:
+                pools[a.scene] = await self._cold_pool(a.scene, pool_size)
+            popular, newest, popularity = pools[a.scene]
             ranked: list[Ranked] = []
             if a.vector is not None:
-                ranked = rank(a.profile, results.get(i, []), a.k, a.scene, n_categories, p,
-                              exclude=a.exclude, only_categories=a.only_categories)
+                candidates = results.get(i, [])
+                if p.w_popularity > 0:
+                    extra = [c for c in popular if c.item_id not in a.profile.seen and c.item_id not in a.exclude]
+                    candidates = candidates + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
+                                               for c in extra[: a.k * p.oversample]]
+                ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
+                              only_categories=a.only_categories, popularity=popularity)
             if len(ranked) < a.k:
-                if a.scene not in cold_pools:
-                    cold_pools[a.scene] = await self._cold_pool(a.scene, pool_size + len(a.profile.seen))
-                popular, newest = cold_pools[a.scene]
                 taken = {r.item_id for r in ranked}
-                fill = cold_start(popular, newest, a.k - len(ranked), exclude=a.exclude | taken,
+                fill = cold_start(popular, newest, a.k - len(ranked) + len(a.profile.seen), exclude=a.exclude | taken,
                                   only_categories=a.only_categories)
-                ranked += [r for r in fill if r.item_id not in a.profile.seen]
+                ranked += [r for r in fill if r.item_id not in a.profile.seen][: a.k - len(ranked)]
             produced.append(Recommendations(
                 user_id=a.user_id, trigger_event_id=a.trigger_id, trigger_type=a.trigger_type,
                 items=[RecommendedItem(item_id=r.item_id, score=r.score, reason=r.reason, title=r.title,
@@ -379,13 +424,16 @@ class Pipeline:
                 produced_time=self.clock(), scene=a.scene, cold_start=a.vector is None, duplicate=a.duplicate))
         return produced
 
-    async def _cold_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], list[Candidate]]:
+    async def _cold_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], list[Candidate], dict[str, float]]:
+        """The ``n`` most popular items (with vectors, similarity = popularity), the ``n`` newest,
+        and each popular item's popularity relative to the first."""
         popular = await self.profiles.popular(scene, n)
         newest = await self.profiles.newest(n)
         meta = await self.fetch_items([i for i, _ in popular] + [i for i, _ in newest])
         def pool(rows: list[tuple[str, float]]) -> list[Candidate]:
-            return [Candidate(i, s, None, meta[i].title, meta[i].category) for i, s in rows if i in meta]
-        return pool(popular), pool(newest)
+            return [Candidate(i, s, *_attrs(meta[i])) for i, s in rows if i in meta]
+        top = popular[0][1] if popular and popular[0][1] > 0 else 1.0
+        return pool(popular), pool(newest), {i: s / top for i, s in popular}
 
     def dead_letter(self, m: RawMessage, error: str, reason: str) -> tuple[Optional[bytes], bytes]:
         """A dead-letter message for ``m``, keyed like the original."""

@@ -153,6 +153,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from workers.datasets import load_dataset
+    from workers.evaluate import SYSTEMS, EvalOptions, run_eval
+
+    if args.k < 1 or args.in_flight < 1 or (args.limit_events is not None and args.limit_events < 1):
+        print("streamrec eval: --k, --in-flight and --limit-events must be positive", file=sys.stderr)
+        return 2
+    peers = tuple(p for p in (args.peers.split(",") if args.peers else SYSTEMS[1:]) if p)
+    unknown = [p for p in peers if p not in SYSTEMS[1:]]
+    if unknown:
+        print(f"streamrec eval: unknown peer(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS[1:])}",
+              file=sys.stderr)
+        return 2
+    try:
+        dataset = load_dataset(args.dataset, args.format, min_rating=args.min_rating, limit_events=args.limit_events)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"streamrec eval: cannot load {args.dataset}: {exc}", file=sys.stderr)
+        return 2
+    settings = _settings()
+    if args.k > settings.max_k:
+        print(f"streamrec eval: --k {args.k} is over max_k {settings.max_k} (STREAMREC_MAX_K)", file=sys.stderr)
+        return 2
+    opts = EvalOptions(k=args.k, in_flight=args.in_flight, halflife_s=args.halflife_days * 86_400.0,
+                       als_every=args.als_every, seed=args.seed, peers=peers)
+    out = Path(args.out)
+    result = run_eval(settings, dataset, out, opts, data_dir=args.data_dir)
+    table = {name: {m: v for m, v in r.items() if m != "segments"} for name, r in result["systems"].items()}
+    print(json.dumps({"eval": str(out / "eval.json"), "report": str(out / "report.md"),
+                      "plots": [str(out / "hr_over_stream.png"), str(out / "latency_histogram.png")],
+                      "latency_ms": result["latency_ms"], "throughput_eps": result["throughput_eps"],
+                      "systems": table}), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamrec", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -210,11 +244,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--items", type=int, default=2000)
     b.add_argument("--data-dir", default=None)
     b.set_defaults(func=cmd_bench)
+    ev = sub.add_parser("eval", help="score a data set through the real pipeline, test-then-train, beside peers")
+    ev.add_argument("--dataset", required=True, help="a MovieLens folder or a folder with catalog.jsonl and events.jsonl")
+    ev.add_argument("--format", choices=("movielens", "jsonl"), default=None, help="default: guessed from the files")
+    ev.add_argument("--limit-events", type=int, default=None, help="only the first N events (quick runs)")
+    ev.add_argument("--k", type=int, default=10, help="list length scored (HR@K, NDCG@K)")
+    ev.add_argument("--out", required=True, help="folder for eval.json, report.md and the plots")
+    ev.add_argument("--min-rating", type=float, default=0.0, help="MovieLens: ratings at or above this are clicks")
+    ev.add_argument("--in-flight", type=int, default=256, help="events sent and not yet answered, at most")
+    ev.add_argument("--peers", default=None, help="comma-separated peers to run (default: all)")
+    ev.add_argument("--halflife-days", type=float, default=7.0, help="half-life of popularity in event time, for streamrec and recent_popularity")
+    ev.add_argument("--als-every", type=int, default=5000, help="implicit_als retrains every N clicks")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--data-dir", default=None, help="where the embedded stack keeps its files (default: a temp dir)")
+    ev.set_defaults(func=cmd_eval)
     return p
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the embedded stack's child processes are stopped too."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("demo", "bench", "eval"):
+        _exit_on_sigterm()
     return int(args.func(args) or 0)
 
 

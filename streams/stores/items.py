@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -45,10 +45,12 @@ class ItemIndex(abc.ABC):
         """The stored items among ``item_ids``, with vectors (similarity 0)."""
 
     @abc.abstractmethod
-    def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = ()) -> list[list[Candidate]]:
+    def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = (),
+               exclude: Collection[str] = ()) -> list[list[Candidate]]:
         """For each row of ``vectors`` (shape ``(n, dim)``, unit length), the ``limit`` available
         items of highest cosine similarity, best first. Vectors and attributes may be left out
-        (``vector=None``): :meth:`get` has them. ``categories``: only items of these."""
+        (``vector=None``): :meth:`get` has them. ``categories``: only items of these;
+        ``exclude``: never these (for every row)."""
 
     @abc.abstractmethod
     def count(self) -> int:
@@ -76,8 +78,10 @@ class MemoryItemIndex(ItemIndex):
     def get(self, item_ids: Sequence[str]) -> dict[str, Candidate]:
         return {i: _candidate(self._rows[i], 0.0) for i in item_ids if i in self._rows}
 
-    def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = ()) -> list[list[Candidate]]:
-        rows = [r for r in self._rows.values() if r.available and (not categories or r.category in categories)]
+    def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = (),
+               exclude: Collection[str] = ()) -> list[list[Candidate]]:
+        rows = [r for r in self._rows.values() if r.available and (not categories or r.category in categories)
+                and r.item_id not in exclude]
         if not rows or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
         matrix = np.stack([r.vector for r in rows])  # (items, dim)

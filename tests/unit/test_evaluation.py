@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 
-from models.baselines import ItemKnnBaseline, OracleBaseline, PopularityBaseline, RandomBaseline
+from models.baselines import (ImplicitALSBaseline, ItemKnnBaseline, OracleBaseline, PopularityBaseline,
+                              RandomBaseline, RiverMFBaseline)
 from models.evaluation import Scorer, evaluate_stream, rank_of, segment_of
 
 
@@ -64,8 +66,9 @@ def test_random_hits_about_k_over_the_unseen_items():
     assert abs(res["hr"] - expected) < 4 * math.sqrt(expected * (1 - expected) / 1000)
 
 
-def test_popularity_and_knn_beat_random_on_skewed_structured_data():
-    rng = random.Random(7)
+def grouped_clicks(seed: int = 7) -> tuple[list[dict], list[str], list[list[str]]]:
+    """100 users in 5 groups of 20 items, each clicking its group's items with a skew."""
+    rng = random.Random(seed)
     groups = [[f"g{g}-{n}" for n in range(20)] for g in range(5)]
     events = []
     for t in range(10):
@@ -73,11 +76,17 @@ def test_popularity_and_knn_beat_random_on_skewed_structured_data():
             items = groups[u % 5]
             events.append({"type": "click", "user_id": f"u{u}", "item_id": items[min(int(rng.expovariate(0.3)), 19)],
                            "timestamp": float(t * 100 + u)})
-    catalog = [i for g in groups for i in g]
+    return events, [i for g in groups for i in g], groups
+
+
+def test_popularity_knn_and_factorisations_beat_random_on_skewed_structured_data():
+    events, catalog, _ = grouped_clicks()
     res = evaluate_stream(events, [RandomBaseline(), PopularityBaseline(), PopularityBaseline(halflife_s=500.0),
-                                   ItemKnnBaseline()], 10, catalog)
+                                   ItemKnnBaseline(), RiverMFBaseline(), ImplicitALSBaseline(retrain_every=200)],
+                          10, catalog)
     assert res["item_knn"]["hr"] > res["popularity"]["hr"] > res["random"]["hr"]
     assert res["recent_popularity"]["hr"] > res["random"]["hr"]
+    assert res["river_mf"]["hr"] > res["random"]["hr"] and res["implicit_als"]["hr"] > res["random"]["hr"]
     for r in res.values():
         assert 0 < r["coverage"] <= 1 and r["segments"]["2-5"]["events_scored"] + r["segments"]["6+"]["events_scored"] == r["events_scored"] - 100
 
@@ -85,7 +94,8 @@ def test_popularity_and_knn_beat_random_on_skewed_structured_data():
 def test_seen_items_are_never_recommended_by_any_baseline():
     events = clicks(3, 12, 8)
     seen: dict[str, set] = {}
-    systems = [RandomBaseline(), PopularityBaseline(), PopularityBaseline(halflife_s=10.0), ItemKnnBaseline()]
+    systems = [RandomBaseline(), PopularityBaseline(), PopularityBaseline(halflife_s=10.0), ItemKnnBaseline(),
+               RiverMFBaseline(), ImplicitALSBaseline(retrain_every=5)]
     for s in systems:
         s.add_items([f"i{n}" for n in range(12)])
     for e in events:
@@ -95,6 +105,7 @@ def test_seen_items_are_never_recommended_by_any_baseline():
         for s in systems:
             rec = s.recommend(e["user_id"], 5, seen[e["user_id"]])
             assert not set(rec) & seen[e["user_id"]] and len(rec) == len(set(rec))
+            assert len(rec) == min(5, 12 - len(seen[e["user_id"]])), s.name
 
 
 def test_recent_popularity_forgets_old_clicks():
@@ -104,4 +115,66 @@ def test_recent_popularity_forgets_old_clicks():
     p.update("u", "new", 10.0)  # 5 clicks, 10 half-lives ago, weigh 5/1024 of one now
     assert p.recommend("x", 2, set()) == ["new", "old"]
     p.update("u", "later", 10_000.0)  # far ahead: scores rescale and stay finite
-    assert p.recommend("x", 1, set()) == ["later"] and all(math.isfinite(v) for v in p.score.values())
+    assert p.recommend("x", 1, set()) == ["later"] and np.isfinite(p.counts).all()
+
+
+def test_items_met_only_in_updates_join_every_system():
+    systems = [RandomBaseline(), PopularityBaseline(), ItemKnnBaseline(), RiverMFBaseline(),
+               ImplicitALSBaseline(retrain_every=3)]
+    for s in systems:
+        s.add_items(["a", "b"])
+        for n, item in enumerate(["a", "new", "b", "newer"]):
+            s.update("u", item, float(n))
+        assert sorted(s.recommend("v", 10, {"a"})) == ["b", "new", "newer"], s.name
+        assert s.recommend("u", 10, {"a", "b", "new", "newer"}) == [], s.name
+
+
+def test_factorisations_are_deterministic_for_a_seed():
+    events, catalog, _ = grouped_clicks(seed=11)
+    events = events[:400]
+
+    def lists(make):
+        out = []
+        s = make()
+        s.add_items(catalog)
+        seen: dict[str, set] = {}
+        for e in events:
+            s.update(e["user_id"], e["item_id"], e["timestamp"])
+            seen.setdefault(e["user_id"], set()).add(e["item_id"])
+            out.append(s.recommend(e["user_id"], 10, seen[e["user_id"]]))
+        return out
+
+    for make in (lambda: RiverMFBaseline(seed=3), lambda: ImplicitALSBaseline(retrain_every=100, seed=3),
+                 lambda: RandomBaseline(seed=3)):
+        assert lists(make) == lists(make)
+
+
+def test_implicit_als_retrains_on_schedule_and_uses_clicks_after_the_last_fit():
+    events, catalog, groups = grouped_clicks()
+    als = ImplicitALSBaseline(retrain_every=150, factors=16)
+    als.add_items(catalog)
+    assert als.recommend("u0", 10, set()) == als.recommend("nobody", 10, set())  # popularity before any fit
+    for e in events[:700]:
+        als.update(e["user_id"], e["item_id"], e["timestamp"])
+    assert als.trainings == 4 and als.clicks == 700
+    # a new user: popularity at first, then the group of the item clicked
+    popular = als.recommend("newcomer", 10, set())
+    als.update("newcomer", groups[3][5], 701.0)
+    mine = als.recommend("newcomer", 10, {groups[3][5]})
+    assert sum(i in groups[3] for i in mine) >= max(5, sum(i in groups[3] for i in popular) + 3)
+    # a known user's list moves when they click into another group, before any retraining
+    before = als.recommend("u0", 10, set())
+    for n in range(5):
+        als.update("u0", groups[2][n], 702.0 + n)
+    after = als.recommend("u0", 10, set())
+    assert als.trainings == 4 and after != before
+    assert sum(i in groups[2] for i in after) > sum(i in groups[2] for i in before)
+
+
+def test_item_knn_refuses_a_catalog_too_large_for_its_dense_matrix():
+    knn = ItemKnnBaseline(max_items=1000)
+    with pytest.raises(ValueError, match="GB"):
+        knn.add_items(f"i{n}" for n in range(1001))
+    knn.add_items(f"i{n}" for n in range(1000))
+    with pytest.raises(ValueError, match="max_items"):
+        knn.update("u", "one too many", 0.0)
