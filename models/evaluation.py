@@ -56,6 +56,7 @@ class Scorer:
     _all: _Sums = field(default_factory=_Sums)
     _segments: dict = field(default_factory=lambda: {name: _Sums() for name, _, _ in SEGMENTS})
     _recommended: set = field(default_factory=set)
+    _seg_recommended: dict = field(default_factory=lambda: {name: set() for name, _, _ in SEGMENTS})
     hits: bytearray = field(default_factory=bytearray)  # 1 per scored click that hit, in stream order
 
     def score(self, items: Sequence[str], target: str, history: int) -> int | None:
@@ -66,6 +67,7 @@ class Scorer:
         seg = segment_of(history)
         if seg is not None:
             self._segments[seg].add(rank)
+            self._seg_recommended[seg].update(items[: self.k])
         self._recommended.update(items[: self.k])
         self.hits.append(rank is not None)
         return rank
@@ -73,7 +75,8 @@ class Scorer:
     def result(self) -> dict:
         out = self._all.metrics()
         out["coverage"] = len(self._recommended) / max(self.catalog_size, 1)
-        out["segments"] = {name: s.metrics() for name, s in self._segments.items()}
+        out["segments"] = {name: {**s.metrics(), "coverage": len(self._seg_recommended[name]) / max(self.catalog_size, 1)}
+                           for name, s in self._segments.items()}
         return out
 
 

@@ -235,11 +235,11 @@ class Pipeline:
                 out.count("duplicates", n_dup)
         if len(answers) < len(by_user):  # retried as a whole batch by the agent
             raise ConflictError(f"profiles of {len(by_user) - len(answers)} users kept changing during the batch")
-        await self.profiles.bump_popularity(pops)
-
+        # Lists see popularity as it was before this batch: never a click that comes after their event.
         flat = [a for u in by_user for a in answers[u] if a is not None]
         for rec in await self.answer(flat):
             out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
+        await self.profiles.bump_popularity(pops)
         out.count("recommendations_out", len(out.recommendations))
         out.count("dead_letters", len(out.dead_letters))
         return out
@@ -351,13 +351,16 @@ class Pipeline:
                 final.setdefault(id(seen.base), (seen.base, set()))[1].update(seen.added)
         buckets: dict[tuple, tuple[int, list[int], Any]] = {}
         late: dict[int, list[str]] = {}
+        limits: dict[int, int] = {}
         for i, a in enumerate(answers):
             if a.vector is None:
                 continue
             seen = a.profile.seen
             base, added = (seen.base, seen.added) if isinstance(seen, _SeenView) else (seen, frozenset())
             batch_clicks = final[id(base)][1] if id(base) in final else set()
-            need = a.k * p.oversample + len(a.exclude)
+            # Every list is ranked from the same candidates however it is batched: the best
+            # ``limits[i]`` items by cosine among those unseen when the list is made.
+            limits[i] = need = -(-(a.k * p.oversample + len(a.exclude)) // 8) * 8
             if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
                 key: tuple = (a.only_categories, id(base))
                 exclude: Any = (base, batch_clicks)
@@ -368,24 +371,26 @@ class Pipeline:
                 exclude = None
             limit, idx, _ = buckets.get(key, (0, [], exclude))
             idx.append(i)
-            buckets[key] = (max(limit, need), idx, exclude)
+            buckets[key] = (max(limit, -(-need // 8) * 8), idx, exclude)
         for (only, *_), (limit, idx, exclude) in buckets.items():
-            limit = -(-limit // 8) * 8
             excluded = set().union(*exclude) if exclude else ()
             hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only,
                                    excluded)
             for i, h in zip(idx, hits, strict=True):
-                results[i] = h
+                seen = answers[i].profile.seen
+                results[i] = [c for c in h if c.item_id not in seen][: limits[i]]
         if late:
             known = await self.fetch_items([c for ids in late.values() for c in ids])
             for i, ids in late.items():
                 rows = [known[c] for c in ids if c in known and known[c].vector is not None
                         and (not answers[i].only_categories or known[c].category in answers[i].only_categories)]
                 if rows:
+                    # exactly the search over everything unseen at this list: the best ``limit`` of
+                    # both, so a later click is a candidate only where the index would have had it
                     sims = np.stack([c.vector for c in rows]) @ answers[i].vector
-                    top = np.argsort(-sims, kind="stable")[: answers[i].k * p.oversample]
-                    results[i] = results[i] + [Candidate(rows[j].item_id, float(sims[j]), *_attrs(rows[j]))
-                                               for j in top]
+                    merged = results[i] + [Candidate(c.item_id, float(v), *_attrs(c)) for c, v in zip(rows, sims)]
+                    merged.sort(key=lambda c: (-c.similarity, c.item_id))
+                    results[i] = merged[: limits[i]]
         bare = [c.item_id for hits in results.values() for c in hits if c.vector is None]
         if bare:  # the index returned ids and scores only: add vectors and attributes
             known = await self.fetch_items(bare)

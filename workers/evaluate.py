@@ -373,14 +373,17 @@ def render_report(r: dict, plots: dict[str, str]) -> str:
         secs = r["system_seconds"].get(name)
         lines.append(f"| {name} | {hr} | {m['ndcg']:.4f} | {m['mrr']:.4f} | {m['coverage']:.4f} | "
                      f"{m['events_scored']} | {'pipeline' if secs is None else f'{secs:.1f}'} |")
-    lines += ["", "By the user's history length when the list was made (earlier events):", "",
-              "| system | " + " | ".join(f"HR@K {n} | NDCG@K {n} | MRR {n} | scored {n}" for n, _, _ in SEGMENTS) + " |",
-              "|---|" + "---:|" * (4 * len(SEGMENTS))]
+    lines += ["", "By the user's history length when the list was made (earlier events of the user; a click "
+              "after exactly one earlier event counts in the totals only):", "",
+              "| system | " + " | ".join(f"HR@K {n} | NDCG@K {n} | MRR {n} | coverage {n} | scored {n}"
+                                       for n, _, _ in SEGMENTS) + " |",
+              "|---|" + "---:|" * (5 * len(SEGMENTS))]
     for name, m in r["systems"].items():
         cells = []
         for seg, _, _ in SEGMENTS:
             v = m["segments"][seg]
-            cells += [f"{v['hr']:.4f}", f"{v['ndcg']:.4f}", f"{v['mrr']:.4f}", str(v["events_scored"])]
+            cells += [f"{v['hr']:.4f}", f"{v['ndcg']:.4f}", f"{v['mrr']:.4f}", f"{v['coverage']:.4f}",
+                      str(v["events_scored"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lat = r["latency_ms"]
     lines += ["", "## The pipeline", "",

@@ -60,6 +60,7 @@ def test_eval_scores_every_system_through_the_pipeline(stack, tmp_path):
         assert 0.0 <= m["hr"] <= 1.0 and 0.0 <= m["ndcg"] <= m["hr"] and 0.0 <= m["mrr"] <= m["hr"]
         assert 0.0 < m["coverage"] <= 1.0
         assert set(m["segments"]) == {n for n, _, _ in SEGMENTS}
+        assert all(set(METRICS) <= set(seg) for seg in m["segments"].values())
         assert sum(seg["events_scored"] for seg in m["segments"].values()) <= m["events_scored"]
     assert scored > 100
     # the demo users have strong category tastes: the pipeline beats chance by far

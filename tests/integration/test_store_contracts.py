@@ -153,3 +153,8 @@ def test_item_index_contract(index):
     index.delete(["i2", "nope"])
     assert index.count() == 7
     assert "i2" not in [h.item_id for h in index.search(np.stack([unit(2)]), 8)[0]]
+    # excluded ids are never returned, for every row, and the limit is still filled from the rest
+    q = unit(4) + 0.5 * unit(5) + 0.25 * unit(6) + 0.1 * unit(7)
+    excl = index.search(np.stack([q / np.linalg.norm(q), unit(5)]), 3, exclude={"i4", "i5", 'say "hi"'})
+    assert all(len(row) == 3 and not {"i4", "i5"} & {h.item_id for h in row} for row in excl)
+    assert [h.item_id for h in excl[0]][:2] == ["i6", "i7"]

@@ -209,3 +209,52 @@ def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_i
     one_by_one = [recs(asyncio.run(apart.process_events(msgs([e]))))[0] for e in events]
     assert [[i["item_id"] for i in r["items"]] for r in one_batch] == \
            [[i["item_id"] for i in r["items"]] for r in one_by_one]
+
+
+@pytest.mark.parametrize("exclude_in_index", [64, 1])
+def test_a_list_never_sees_events_after_its_own(monkeypatch, exclude_in_index):
+    """The list for the first event of a batch, and the candidates it was ranked from, are those
+    it gets alone, however many later clicks (its user's own, or everyone's) share the batch."""
+    import streams.pipeline
+
+    monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", exclude_in_index)
+    ranked_from: list[list[str]] = []  # candidates of each list, in the order lists are made
+    real_rank = streams.pipeline.rank
+
+    def spy(profile, candidates, *args, **kw):
+        candidates = list(candidates)
+        ranked_from.append(sorted(c.item_id for c in candidates))
+        return real_rank(profile, candidates, *args, **kw)
+
+    monkeypatch.setattr(streams.pipeline, "rank", spy)
+    jazz = items_of("jazz")
+    first = click("e1", "u", jazz[0])
+    later = [click(f"o{n}", f"other{n}", jazz[2 + n % 5]) for n in range(1, 15)]  # others make some jazz popular
+    later += [click(f"e{n}", "u", item) for n, item in enumerate([*jazz[1:], *items_of("travel")[:3]], 2)]
+    got = {}
+    for name, batch in (("alone", [first]), ("together", [first, *later])):
+        p = make_pipeline()
+        assert p.params.w_popularity > 0
+        asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+        ranked_from.clear()
+        out = recs(asyncio.run(p.process_events(msgs(batch))))
+        assert out[0]["trigger_event_id"] == "e1" and len(ranked_from) == len(batch)
+        got[name] = ([i["item_id"] for i in out[0]["items"]], ranked_from[0])
+    assert got["together"] == got["alone"]
+
+
+def test_seen_items_excluded_in_the_index_or_over_fetched_give_the_same_lists(monkeypatch):
+    import streams.pipeline
+
+    jazz, travel = items_of("jazz"), items_of("travel")
+    batches = [[click(f"a{n}", "u", item) for n, item in enumerate(jazz[:4])],
+               [click(f"b{n}", "u", item) for n, item in enumerate([*jazz[4:], *travel[:4]])]
+               + [click(f"c{n}", f"v{n % 2}", jazz[n % 3]) for n in range(6)]]
+    lists = {}
+    for threshold in (1, 10_000):
+        monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", threshold)
+        p = make_pipeline()
+        asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+        lists[threshold] = [[i["item_id"] for i in r["items"]]
+                            for b in batches for r in recs(asyncio.run(p.process_events(msgs(b))))]
+    assert lists[1] == lists[10_000] and len(lists[1]) == sum(map(len, batches))
