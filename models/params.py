@@ -31,6 +31,10 @@ class ModelParams:
     w_interest: float = 0.1  # boost by the interest probability of the item's category
     w_scene_item: float = 0.03  # boost for items offered in the request's scene
     w_popularity: float = 0.15  # boost by an item's decayed popularity relative to the most popular (0: off)
+    w_cooccur: float = 0.3  # boost by how often the user's recent clicks were clicked with the item (0: off)
+    cooccur_window: int = 10  # a click counts as clicked-with each of the user's last this many clicks
+    cooccur_sources: int = 10  # the user's last clicks whose co-clicked items become candidates
+    cooccur_fanout: int = 50  # co-clicked items read per source
     diversity: float = 0.02  # penalty per item of the same category already in the list
     oversample: int = 2  # candidates fetched per slot in the list
     history_size: int = 50

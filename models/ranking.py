@@ -34,15 +34,21 @@ class Ranked:
 
 def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optional[str], categories: int,
          params: ModelParams, exclude: frozenset[str] | set[str] = frozenset(),
-         only_categories: Sequence[str] = (), popularity: Mapping[str, float] | None = None) -> list[Ranked]:
+         only_categories: Sequence[str] = (), popularity: Mapping[str, float] | None = None,
+         cooccur: Mapping[str, float] | None = None, cooccur_with: Mapping[str, str] | None = None) -> list[Ranked]:
     """Order ``candidates`` for ``profile`` and keep ``k``.
 
     score = cosine(user, item) + w_interest * (P(category) - uniform) + w_popularity * popularity
-    + w_scene_item * [offered in scene], then a greedy diversity step subtracts ``diversity`` per
-    item of the same category already chosen. ``popularity``: item id -> decayed popularity
-    relative to the most popular item (0 to 1; absent: 0). Seen and excluded items never come back.
+    + w_cooccur * co-clicks + w_scene_item * [offered in scene], then a greedy diversity step
+    subtracts ``diversity`` per item of the same category already chosen. ``popularity``: item id
+    -> decayed popularity relative to the most popular item; ``cooccur``: item id -> how often it
+    was clicked with the user's recent clicks, relative to the best (both 0 to 1; absent: 0);
+    ``cooccur_with``: item id -> the title of the click it goes with, for the reason. Seen and
+    excluded items never come back.
     """
     popularity = popularity or {}
+    cooccur = cooccur or {}
+    cooccur_with = cooccur_with or {}
     dist = interest_distribution(profile, max(categories, 1), params)
     uniform = 1.0 / max(categories, 1)
     pool: list[tuple[float, Candidate]] = []
@@ -54,7 +60,8 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
             continue
         seen_ids.add(c.item_id)
         p = dist.get(c.category, dist["*"]) if c.category else uniform
-        s = c.similarity + params.w_interest * (p - uniform) + params.w_popularity * popularity.get(c.item_id, 0.0)
+        s = (c.similarity + params.w_interest * (p - uniform) + params.w_popularity * popularity.get(c.item_id, 0.0)
+             + params.w_cooccur * cooccur.get(c.item_id, 0.0))
         if scene and c.scenes and scene in c.scenes:
             s += params.w_scene_item
         pool.append((s, c))
@@ -72,14 +79,18 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
         s, c = pool.pop(best_i)
         per_category[c.category] = per_category.get(c.category, 0) + 1
         chosen.append((best_s, c))
-    return [Ranked(c.item_id, round(float(s), 6), explain(profile, c, dist, params, popularity.get(c.item_id, 0.0)),
+    return [Ranked(c.item_id, round(float(s), 6),
+                   explain(profile, c, dist, params, popularity.get(c.item_id, 0.0),
+                           cooccur_with.get(c.item_id) if cooccur.get(c.item_id, 0.0) >= 0.5 else None),
                    c.title, c.category) for s, c in chosen]
 
 
 def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: ModelParams,
-            popularity: float = 0.0) -> str:
-    """A short reason: the recent click or query the item is closest to, else the interest it
-    matches, else its popularity."""
+            popularity: float = 0.0, clicked_with: Optional[str] = None) -> str:
+    """A short reason: the recent click it is often clicked with (``clicked_with``), else the
+    recent click or query it is closest to, else the interest it matches, else its popularity."""
+    if clicked_with:
+        return f"often clicked with {_clip(clicked_with)}"
     if item.vector is not None and profile.explainers:
         sims = [float(np.dot(e.vector, item.vector)) for e in profile.explainers]
         best = int(np.argmax(sims))

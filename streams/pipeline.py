@@ -27,7 +27,7 @@ from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, 
                      parse_request)
 from schemas.validate import to_wire
 from streams.stores.items import ItemIndex, ItemRow
-from streams.stores.profiles import ConflictError, PopularityUpdate, ProfileStore
+from streams.stores.profiles import CoClick, ConflictError, PopularityUpdate, ProfileStore
 
 MODEL_VERSION = "streamrec-1"
 #: Seen sets at least this large are excluded in the item index instead of over-fetched.
@@ -215,6 +215,7 @@ class Pipeline:
             by_user.setdefault(e.user_id, []).append(e)
         answers: dict[str, list[_Answer]] = {}
         pops: list[PopularityUpdate] = []
+        coclicks: list[CoClick] = []
         for _attempt in range(8):
             pending = [u for u in by_user if u not in answers]
             if not pending:
@@ -226,20 +227,23 @@ class Pipeline:
                 user_events = by_user[u]
                 applied_before = {e.event_id for e in user_events if next(flags)}
                 try:
-                    answers[u], user_pops, n_applied, n_dup = await self._apply_user(
+                    answers[u], user_pops, user_co, n_applied, n_dup = await self._apply_user(
                         profiles[u], user_events, applied_before, items, query_vectors)
                 except ConflictError:
                     continue  # another writer: read again
                 pops += user_pops
+                coclicks += user_co
                 out.count("events_applied", n_applied)
                 out.count("duplicates", n_dup)
         if len(answers) < len(by_user):  # retried as a whole batch by the agent
             raise ConflictError(f"profiles of {len(by_user) - len(answers)} users kept changing during the batch")
-        # Lists see popularity as it was before this batch: never a click that comes after their event.
+        # Lists see popularity and co-clicks as they were before this batch: never a click that
+        # comes after their event.
         flat = [a for u in by_user for a in answers[u] if a is not None]
         for rec in await self.answer(flat):
             out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
         await self.profiles.bump_popularity(pops)
+        await self.profiles.bump_cooccurrence(coclicks)
         out.count("recommendations_out", len(out.recommendations))
         out.count("dead_letters", len(out.dead_letters))
         return out
@@ -250,6 +254,7 @@ class Pipeline:
         p = self.params
         answers: list[Optional[_Answer]] = []
         pops: list[PopularityUpdate] = []
+        coclicks: list[CoClick] = []
         base_seen = set(profile.seen)
         expected = profile.version
         added: list[str] = []
@@ -270,6 +275,8 @@ class Pipeline:
                 n_dup += 1
             elif isinstance(e, Click):
                 it = items[e.item_id]
+                earlier = [h["item_id"] for h in profile.history if h["type"] == "click"][-p.cooccur_window:]
+                coclicks.append(CoClick(it.item_id, earlier))
                 apply_click(profile, it.item_id, it.vector, it.title, it.category, e.scene,
                             click_strength(e.weight, e.dwell_s, p), e.event_id, e.timestamp, p)
                 if it.item_id not in base_seen:
@@ -283,12 +290,13 @@ class Pipeline:
             snap.scenes = dict(profile.scenes)
             snap.interest = dict(profile.interest)
             snap.explainers = list(profile.explainers)
+            snap.history = list(profile.history)
             snap.seen = _SeenView(base_seen, frozenset(added))  # type: ignore[assignment]
             answers.append(_Answer(e.user_id, e.event_id, "click" if isinstance(e, Click) else "query", e.scene,
                                    e.timestamp, self.k, snap, duplicate=duplicate))
         if applied_ids:
             await self.profiles.commit(profile, expected, added, applied_ids)
-        return answers, pops, len(applied_ids), n_dup
+        return answers, pops, coclicks, len(applied_ids), n_dup
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -398,6 +406,11 @@ class Pipeline:
                 results[i] = [c if c.vector is not None else
                               Candidate(c.item_id, c.similarity, *_attrs(known[c.item_id]))
                               for c in hits if c.vector is not None or c.item_id in known]
+        # Items often clicked with the user's recent clicks join the candidates, with their score.
+        cooccur: dict[int, dict[str, float]] = {}
+        cooccur_with: dict[int, dict[str, str]] = {}
+        if p.w_cooccur > 0:
+            await self._cooccur_candidates(answers, results, cooccur, cooccur_with)
         # Popular items join every personalised list's candidates (scored by cosine like the rest,
         # plus the popularity boost) and fill the cold-start lists.
         pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
@@ -415,7 +428,8 @@ class Pipeline:
                     candidates = candidates + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
                                                for c in extra[: a.k * p.oversample]]
                 ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
-                              only_categories=a.only_categories, popularity=popularity)
+                              only_categories=a.only_categories, popularity=popularity,
+                              cooccur=cooccur.get(i), cooccur_with=cooccur_with.get(i))
             if len(ranked) < a.k:
                 taken = {r.item_id for r in ranked}
                 fill = cold_start(popular, newest, a.k - len(ranked) + len(a.profile.seen), exclude=a.exclude | taken,
@@ -428,6 +442,43 @@ class Pipeline:
                 model_version=MODEL_VERSION, encoder=self.encoder.version, event_time=a.event_time,
                 produced_time=self.clock(), scene=a.scene, cold_start=a.vector is None, duplicate=a.duplicate))
         return produced
+
+    async def _cooccur_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
+                                  cooccur: dict[int, dict[str, float]], cooccur_with: dict[int, dict[str, str]]) -> None:
+        """For each personalised list: the items clicked by the same users as the user's last
+        clicks, scored by summed normalised co-clicks relative to the best (into ``cooccur``), the
+        title of the click each is most often clicked with (``cooccur_with``), and the best of
+        them added to its candidates (``results``) with their cosine similarity."""
+        p = self.params
+        sources = {i: list(dict.fromkeys(h["item_id"] for h in a.profile.history if h["type"] == "click"))[-p.cooccur_sources:]
+                   for i, a in enumerate(answers) if a.vector is not None}
+        all_sources = list(dict.fromkeys(x for xs in sources.values() for x in xs))
+        if not all_sources:
+            return
+        partners = await self.profiles.cooccurring(all_sources, p.cooccur_fanout)
+        best_of: dict[int, list[str]] = {}
+        for i, xs in sources.items():
+            a = answers[i]
+            total: dict[str, float] = {}
+            strongest: dict[str, tuple[float, str]] = {}
+            for x in xs:
+                for y, score in partners.get(x, ()):
+                    if y in a.profile.seen or y in a.exclude:
+                        continue
+                    total[y] = total.get(y, 0.0) + score
+                    if score > strongest.get(y, (0.0, ""))[0]:
+                        strongest[y] = (score, x)
+            if total:
+                top = max(total.values())
+                cooccur[i] = {y: v / top for y, v in total.items()}
+                cooccur_with[i] = {y: x for y, (_, x) in strongest.items()}
+                best_of[i] = sorted(total, key=lambda y: (-total[y], y))[: a.k * p.oversample]
+        known = await self.fetch_items([*all_sources, *(y for ys in best_of.values() for y in ys)])
+        for i, ys in best_of.items():
+            a = answers[i]
+            cooccur_with[i] = {y: known[x].title or x for y, x in cooccur_with[i].items() if x in known}
+            results[i] = results.get(i, []) + [Candidate(y, float(np.dot(a.vector, known[y].vector)), *_attrs(known[y]))
+                                               for y in ys if y in known and known[y].vector is not None]
 
     async def _cold_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], list[Candidate], dict[str, float]]:
         """The ``n`` most popular items (with vectors, similarity = popularity), the ``n`` newest,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import json
 import platform
 import sys
@@ -190,7 +191,8 @@ def make_peers(opts: EvalOptions, n_items: int) -> tuple[list, dict[str, str]]:
 
 def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions = EvalOptions(),
              data_dir: Optional[str] = None, stack: Optional[Stack] = None) -> dict:
-    """Evaluate ``dataset``; writes ``out/eval.json``, ``out/report.md`` and the plots, returns
+    """Evaluate ``dataset``; writes ``out/eval.json``, ``out/report.md``, the plots and
+    ``out/lists.jsonl.gz`` (streamrec's list after every event, null if dead-lettered); returns
     what ``eval.json`` holds. Starts the embedded stack unless ``stack`` is given (the settings'
     topic names are then used as they are: give fresh ones)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +203,10 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
     if len(set(ids)) != len(ids) or None in ids:
         raise ValueError("every event needs a distinct event_id: lists are joined to events by it")
     # The worker's popularity decays with the same half-life (in event time) as recent_popularity's.
-    s0 = settings.model_copy(update={"k": opts.k, "popularity_halflife_s": opts.halflife_s})
+    # One partition: the worker sees the events in data set order, so no list can see a later
+    # event (with several, popularity and co-clicks could include other users' events sent up to
+    # ``in_flight`` later but consumed earlier from another partition).
+    s0 = settings.model_copy(update={"k": opts.k, "popularity_halflife_s": opts.halflife_s, "topic_partitions": 1})
     _say(f"{dataset.name}: {len(dataset.catalog)} items, {len(events)} events; "
          + ("on the given stack" if stack else f"starting the embedded stack in {base}"))
     with contextlib.ExitStack() as scope:
@@ -270,6 +275,10 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
                     "implicit_als_retrain_every": opts.als_every, "seed": opts.seed},
         "wall_s": None,
     }
+    with gzip.open(out / "lists.jsonl.gz", "wt", encoding="utf-8") as fh:
+        for e in events:
+            fh.write(json.dumps({"event_id": e["event_id"], "user_id": e["user_id"],
+                                 "items": answers.lists.get(e["event_id"])}) + "\n")
     plots = write_plots(out, res, lat, opts.k)
     result["wall_s"] = round(time.time() - started, 1)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

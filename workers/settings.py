@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     item_cache_ttl_s: float = Field(60.0, ge=0)
     dedupe_window: int = Field(10_000, ge=1, description="applied event ids remembered per user")
     popularity_halflife_s: float = Field(6 * 3600.0, gt=0)
+    cooccur_keep: int = Field(200, ge=1, description="co-clicked partners kept per item (the most frequent)")
 
     # Limits on input (longer or larger input is dead-lettered with the reason)
     max_text_chars: int = Field(2_000, ge=1)

@@ -20,7 +20,8 @@ def build_pipeline(settings: Settings):
     encoder = TextEncoder(settings.encoder_model, settings.encoder_device, settings.encoder_max_length,
                           settings.encoder_batch_size, settings.encoder_threads)
     profiles = open_profile_store(settings.redis_url, settings.key_prefix, dedupe_window=settings.dedupe_window,
-                                  popularity_halflife_s=settings.popularity_halflife_s)
+                                  popularity_halflife_s=settings.popularity_halflife_s,
+                                  cooccur_keep=settings.cooccur_keep)
     items = open_item_index(settings.milvus_uri, encoder.dim, settings.milvus_collection,
                             settings.milvus_token.get_secret_value(), settings.milvus_consistency,
                             settings.milvus_index_type, settings.milvus_flush_writes)

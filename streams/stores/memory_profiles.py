@@ -6,15 +6,19 @@ import copy
 from typing import Iterable, Optional, Sequence
 
 from models.profile import Profile
-from streams.stores.profiles import (STAT_FIELDS, ConflictError, PopularityUpdate, ProfileStore,
-                                     decayed_weight)
+from streams.stores.profiles import (STAT_FIELDS, CoClick, ConflictError, PopularityUpdate, ProfileStore,
+                                     cooccur_pairs, decayed_weight, normalised_cooccurrence)
 
 
 class MemoryProfileStore(ProfileStore):
     """Profiles in a dict. Not shared between processes."""
 
-    def __init__(self, *, dedupe_window: int = 10_000, popularity_halflife_s: float = 6 * 3600.0) -> None:
+    def __init__(self, *, dedupe_window: int = 10_000, popularity_halflife_s: float = 6 * 3600.0,
+                 cooccur_keep: int = 200) -> None:
         self.dedupe_window = dedupe_window
+        self.cooccur_keep = cooccur_keep
+        self._co: dict[str, dict[str, float]] = {}
+        self._clicks: dict[str, float] = {}
         self.halflife = popularity_halflife_s
         self._profiles: dict[str, Profile] = {}
         self._events: dict[str, list[str]] = {}
@@ -52,6 +56,23 @@ class MemoryProfileStore(ProfileStore):
         self._profiles.pop(user_id, None)
         self._events.pop(user_id, None)
 
+    async def bump_cooccurrence(self, clicks: Sequence[CoClick]) -> None:
+        for c in clicks:
+            self._clicks[c.item_id] = self._clicks.get(c.item_id, 0.0) + 1.0
+        touched = set()
+        for a, b in cooccur_pairs(clicks):
+            row = self._co.setdefault(a, {})
+            row[b] = row.get(b, 0.0) + 1.0
+            touched.add(a)
+        for a in touched:  # keep the most frequent partners; of equal ones the greatest ids, as Redis does
+            row = self._co[a]
+            if len(row) > self.cooccur_keep:
+                self._co[a] = dict(sorted(row.items(), key=lambda kv: (kv[1], kv[0]))[-self.cooccur_keep:])
+
+    async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        rows = {a: sorted(self._co.get(a, {}).items(), key=lambda kv: (-kv[1], kv[0])) for a in item_ids}
+        return normalised_cooccurrence(rows, self._clicks, n)
+
     async def bump_popularity(self, updates: Sequence[PopularityUpdate]) -> None:
         for u in updates:
             if self._ref is None:
@@ -74,6 +95,8 @@ class MemoryProfileStore(ProfileStore):
     async def remove_items(self, item_ids: Sequence[str], scenes: Sequence[str]) -> None:
         for i in item_ids:
             self._new.pop(i, None)
+            self._clicks.pop(i, None)
+            self._co.pop(i, None)
             for table in self._pop.values():
                 table.pop(i, None)
 

@@ -35,6 +35,14 @@ class PopularityUpdate:
     weight: float
 
 
+@dataclass
+class CoClick:
+    """A click on ``item_id`` by a user whose earlier clicks were ``previous``."""
+
+    item_id: str
+    previous: Sequence[str]
+
+
 class ProfileStore(abc.ABC):
     """Where profiles live. All methods are coroutines; implementations must be safe to share
     between the agents of one worker."""
@@ -60,6 +68,16 @@ class ProfileStore(abc.ABC):
     @abc.abstractmethod
     async def bump_popularity(self, updates: Sequence[PopularityUpdate]) -> None:
         """Add decayed click weight to items, globally and per scene."""
+
+    @abc.abstractmethod
+    async def bump_cooccurrence(self, clicks: Sequence[CoClick]) -> None:
+        """Count each clicked item once more, and each (item, earlier click) pair once more in
+        both directions; each item keeps its ``cooccur_keep`` most frequent partners."""
+
+    @abc.abstractmethod
+    async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        """For each of ``item_ids``, up to ``n`` items most often clicked by the same users, each
+        with its co-click count over sqrt(clicks of one * clicks of the other), best first."""
 
     @abc.abstractmethod
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
@@ -142,6 +160,28 @@ def decode_profile(user_id: str, fields: dict[bytes | str, bytes], seen: Iterabl
     return p
 
 
+def cooccur_pairs(clicks: Sequence[CoClick]) -> list[tuple[str, str]]:
+    """The (a, b) increments of ``clicks``, both directions, never an item with itself."""
+    out = []
+    for c in clicks:
+        for prev in dict.fromkeys(c.previous):
+            if prev != c.item_id:
+                out += [(c.item_id, prev), (prev, c.item_id)]
+    return out
+
+
+def normalised_cooccurrence(rows: dict[str, list[tuple[str, float]]], counts: dict[str, float],
+                            n: int) -> dict[str, list[tuple[str, float]]]:
+    """Co-click counts over sqrt(clicks of a * clicks of b), the best ``n`` per item."""
+    out = {}
+    for a, partners in rows.items():
+        ca = counts.get(a, 0.0)
+        scored = [(b, c / math.sqrt(ca * counts[b])) for b, c in partners if ca > 0 and counts.get(b, 0.0) > 0]
+        scored.sort(key=lambda bc: (-bc[1], bc[0]))
+        out[a] = scored[:n]
+    return out
+
+
 def decayed_weight(timestamp: float, reference: float, halflife_s: float, weight: float) -> float:
     """Click weight scaled by 2 ** ((t - ref) / halflife): adding these keeps a sum of weights that
     decays over event time without rewriting old entries."""
@@ -149,16 +189,17 @@ def decayed_weight(timestamp: float, reference: float, halflife_s: float, weight
 
 
 def open_profile_store(url: str, key_prefix: str = "streamrec", *, dedupe_window: int = 10_000,
-                       popularity_halflife_s: float = 6 * 3600.0) -> ProfileStore:
+                       popularity_halflife_s: float = 6 * 3600.0, cooccur_keep: int = 200) -> ProfileStore:
     """The profile store for ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``memory://``)."""
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("redis", "rediss", "unix"):
         from streams.stores.redis_profiles import RedisProfileStore
 
         return RedisProfileStore(url, key_prefix, dedupe_window=dedupe_window,
-                                 popularity_halflife_s=popularity_halflife_s)
+                                 popularity_halflife_s=popularity_halflife_s, cooccur_keep=cooccur_keep)
     if scheme == "memory":
         from streams.stores.memory_profiles import MemoryProfileStore
 
-        return MemoryProfileStore(dedupe_window=dedupe_window, popularity_halflife_s=popularity_halflife_s)
+        return MemoryProfileStore(dedupe_window=dedupe_window, popularity_halflife_s=popularity_halflife_s,
+                                  cooccur_keep=cooccur_keep)
     raise ValueError(f"no profile store for URL scheme {scheme!r} (use redis://, rediss://, unix:// or memory://)")

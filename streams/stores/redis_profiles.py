@@ -3,8 +3,9 @@
 Keys (``P`` is the key prefix; ``{u:ID}`` is a hash tag, so one user's keys share a cluster slot):
 ``P:{u:ID}:p`` hash of profile fields and version ``v``; ``P:{u:ID}:seen`` set of seen items;
 ``P:{u:ID}:ev`` sorted set of applied event ids (the last ``dedupe_window``);
-``P:pop`` / ``P:pop:s:<scene>`` decayed popularity; ``P:new`` newest items; ``P:cats`` categories;
-``P:stats`` counters.
+``P:pop`` / ``P:pop:s:<scene>`` decayed popularity; ``P:co:<item>`` sorted set of the items
+clicked by the same users and ``P:clicks`` clicks per item; ``P:new`` newest items; ``P:cats``
+categories; ``P:stats`` counters.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 from models.profile import Profile
-from streams.stores.profiles import (STAT_FIELDS, ConflictError, PopularityUpdate, ProfileStore,
-                                     decode_profile, encode_profile)
+from streams.stores.profiles import (STAT_FIELDS, CoClick, ConflictError, PopularityUpdate, ProfileStore,
+                                     cooccur_pairs, decode_profile, encode_profile, normalised_cooccurrence)
 
 # KEYS: profile hash, seen set, applied-events zset.
 # ARGV: expected version, dedupe window, #fields, #seen, #events, field/value pairs, seen ids, event ids.
@@ -81,11 +82,27 @@ return 1
 """
 
 
+# KEYS: clicks-per-item hash. ARGV: partners kept per item, co-click key prefix, #clicked items,
+# the clicked items, then (a, b) pairs.
+_CO = """
+local keep, prefix, m = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+for i = 4, 3 + m do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
+local touched = {}
+for i = 4 + m, #ARGV, 2 do
+  local key = prefix .. ARGV[i]
+  redis.call('ZINCRBY', key, 1, ARGV[i + 1])
+  touched[key] = true
+end
+for key in pairs(touched) do redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
+return 1
+"""
+
+
 class RedisProfileStore(ProfileStore):
     """Profiles in Redis (``redis://``, ``rediss://`` for TLS, ``unix://``); credentials in the URL."""
 
     def __init__(self, url: str, key_prefix: str, *, dedupe_window: int = 10_000,
-                 popularity_halflife_s: float = 6 * 3600.0) -> None:
+                 popularity_halflife_s: float = 6 * 3600.0, cooccur_keep: int = 200) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
@@ -94,10 +111,12 @@ class RedisProfileStore(ProfileStore):
         self.prefix = key_prefix
         self.dedupe_window = dedupe_window
         self.halflife = popularity_halflife_s
+        self.cooccur_keep = cooccur_keep
         self.redis = aioredis.from_url(url, decode_responses=False, socket_timeout=30,
                                        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 5))
         self._commit = self.redis.register_script(_COMMIT)
         self._bump = self.redis.register_script(_BUMP)
+        self._co = self.redis.register_script(_CO)
 
     def _user(self, user_id: str) -> tuple[str, str, str]:
         base = f"{self.prefix}:{{u:{user_id}}}"
@@ -140,6 +159,29 @@ class RedisProfileStore(ProfileStore):
     async def forget(self, user_id: str) -> None:
         await self.redis.delete(*self._user(user_id))
 
+    async def bump_cooccurrence(self, clicks: Sequence[CoClick]) -> None:
+        if not clicks:
+            return
+        pairs = cooccur_pairs(clicks)
+        args: list = [self.cooccur_keep, f"{self.prefix}:co:", len(clicks), *(c.item_id for c in clicks)]
+        for a, b in pairs:
+            args += [a, b]
+        await self._co(keys=[f"{self.prefix}:clicks"], args=args)
+
+    async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        item_ids = list(dict.fromkeys(item_ids))
+        if not item_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for a in item_ids:
+                pipe.zrevrange(f"{self.prefix}:co:{a}", 0, -1, withscores=True)
+            raw = await pipe.execute()
+        rows = {a: [(b.decode(), float(c)) for b, c in r] for a, r in zip(item_ids, raw, strict=True)}
+        names = list({*item_ids, *(b for r in rows.values() for b, _ in r)})
+        got = await self.redis.hmget(f"{self.prefix}:clicks", names)
+        counts = {k: float(v) for k, v in zip(names, got, strict=True) if v is not None}
+        return normalised_cooccurrence(rows, counts, n)
+
     async def bump_popularity(self, updates: Sequence[PopularityUpdate]) -> None:
         if not updates:
             return
@@ -174,6 +216,9 @@ class RedisProfileStore(ProfileStore):
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in [f"{self.prefix}:new", f"{self.prefix}:pop", *(k.decode() for k in scene_keys)]:
                 pipe.zrem(key, *item_ids)
+            # an item without a click count is never a co-click candidate
+            pipe.hdel(f"{self.prefix}:clicks", *item_ids)
+            pipe.delete(*(f"{self.prefix}:co:{i}" for i in item_ids))
             await pipe.execute()
 
     async def newest(self, n: int) -> list[tuple[str, float]]:

@@ -1,11 +1,18 @@
 """Real services for the integration tests: one embedded stack (Tansu broker, redis-server,
-Milvus Lite server) per test session; every test gets fresh topics, consumer group, Redis key
-prefix and Milvus collection, and its own worker process."""
+Milvus Lite server) per test session, and Apache Kafka (4.x, KRaft, on Java 17) as a second,
+reference broker. Every test that uses ``stack`` runs on both brokers (ids ``[tansu]`` and
+``[apache-kafka]``), with redis-server and Milvus Lite from the embedded stack either way; without
+Java 17 (or Maven, while the jars are not cached) the Apache Kafka runs are skipped, with the
+reason. ``STREAMREC_TEST_BROKERS=tansu`` (or ``apache-kafka``) runs on one broker only. Every test
+gets fresh topics, consumer group, Redis key prefix and Milvus collection, and its own worker
+process."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -14,6 +21,7 @@ import redis
 
 from streams.stores.eventlog import KafkaEventLog, all_topics
 from workers import demo_data
+from workers.kafka_broker import ApacheKafka, KafkaUnavailable
 from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat
 from workers.settings import Settings
 from workers.stack import Stack
@@ -26,16 +34,86 @@ def items_of(category: str) -> list[str]:
     return [it["item_id"] for it in CATALOG if it["category"] == category]
 
 
+BROKERS = ("tansu", "apache-kafka")
+
+
+def test_brokers() -> list[str]:
+    wanted = [b.strip() for b in os.environ.get("STREAMREC_TEST_BROKERS", ",".join(BROKERS)).split(",") if b.strip()]
+    unknown = set(wanted) - set(BROKERS)
+    if unknown or not wanted:
+        raise pytest.UsageError(f"STREAMREC_TEST_BROKERS: {sorted(unknown) or 'empty'}; choose from {BROKERS}")
+    return wanted
+
+
+test_brokers.__test__ = False  # not a test
+
+
+def pytest_generate_tests(metafunc):
+    # every test that needs ``stack`` (directly or through a fixture) runs once per broker
+    if "stack" in metafunc.fixturenames:
+        metafunc.parametrize("stack", test_brokers(), indirect=True, scope="session")
+
+
+@dataclass
+class BrokerStack:
+    """The embedded stack's redis-server and Milvus Lite with another Kafka broker: what tests see
+    as ``stack`` on Apache Kafka (the same attributes as :class:`Stack`)."""
+
+    services: Stack
+    kafka_bootstrap: str
+    broker: str
+
+    @property
+    def redis_url(self) -> str:
+        return self.services.redis_url
+
+    @property
+    def milvus_uri(self) -> str:
+        return self.services.milvus_uri
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {**self.services.versions, "broker": self.broker}
+
+    def env(self) -> dict[str, str]:
+        return {**self.services.env(), "STREAMREC_KAFKA_BOOTSTRAP": self.kafka_bootstrap}
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def embedded(tmp_path_factory):
+    """Tansu, redis-server and the Milvus Lite server."""
     with Stack(tmp_path_factory.mktemp("stack")) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(tmp_path_factory):
+    """Apache Kafka, started once per session; skipped (with what is missing) without Java 17+,
+    or without Maven while its jars are not cached."""
+    broker = ApacheKafka(tmp_path_factory.mktemp("apache-kafka"))
+    try:
+        broker.check()
+    except KafkaUnavailable as exc:
+        pytest.skip(f"Apache Kafka {broker.version} not started: {exc}")
+    with broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def stack(request, embedded):
+    """The services a test runs on; its Kafka broker is the test's parameter (``tansu`` when the
+    test was not parametrized, e.g. a ``request.getfixturevalue("stack")``)."""
+    broker = getattr(request, "param", "tansu")
+    if broker == "tansu":
+        return embedded
+    k = request.getfixturevalue("apache_kafka")
+    return BrokerStack(embedded, k.bootstrap, f"apache-kafka {k.version}")
 
 
 class Harness:
     """One test's worker and clients, on fresh names."""
 
-    def __init__(self, stack: Stack, tmp: Path, **overrides) -> None:
+    def __init__(self, stack: Stack | BrokerStack, tmp: Path, **overrides) -> None:
         run = uuid.uuid4().hex[:10]
         self.settings = Settings(
             kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url, milvus_uri=stack.milvus_uri,

@@ -3,6 +3,7 @@ scored, every system reported with every metric, the files written, the sanity b
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -34,10 +35,7 @@ def write_dataset(path, n_items=96, users=16, per_user=14):
 
 def test_eval_scores_every_system_through_the_pipeline(stack, tmp_path):
     catalog, events = write_dataset(tmp_path / "data")
-    run = uuid.uuid4().hex[:10]
-    settings = Settings(topic_events=f"ev-{run}.events", topic_catalog=f"ev-{run}.catalog",
-                        topic_requests=f"ev-{run}.requests", topic_recommendations=f"ev-{run}.recs",
-                        topic_deadletter=f"ev-{run}.dlq", milvus_collection=f"ev_{run}")
+    settings = fresh_settings()
     ds = load_dataset(tmp_path / "data", "jsonl")
     out = tmp_path / "out"
     r = run_eval(settings, ds, out, EvalOptions(k=5, in_flight=64, als_every=50), data_dir=str(tmp_path / "w"),
@@ -81,3 +79,27 @@ def test_eval_rejects_bad_arguments_clearly(tmp_path, args, message):
     res = subprocess.run([sys.executable, "-m", "workers.cli", "eval", *args], capture_output=True, text=True,
                          cwd=tmp_path, timeout=120)
     assert res.returncode == 2 and message in res.stderr
+
+
+def fresh_settings() -> Settings:
+    run = uuid.uuid4().hex[:10]
+    return Settings(topic_events=f"ev-{run}.events", topic_catalog=f"ev-{run}.catalog",
+                    topic_requests=f"ev-{run}.requests", topic_recommendations=f"ev-{run}.recs",
+                    topic_deadletter=f"ev-{run}.dlq", milvus_collection=f"ev_{run}")
+
+
+def test_lists_never_see_the_future(stack, tmp_path):
+    """One event in flight at a time, so batching is the same in both runs: the lists for the first
+    60 events are the same whether or not 30 more events follow them (popularity and co-clicks
+    on, as by default)."""
+    write_dataset(tmp_path / "data", n_items=48, users=8, per_user=12)
+    lists = []
+    for n in (60, 90):
+        ds = load_dataset(tmp_path / "data", "jsonl", limit_events=n)
+        out = tmp_path / f"out{n}"
+        run_eval(fresh_settings(), ds, out, EvalOptions(k=5, in_flight=1, peers=("random",)),
+                 data_dir=str(tmp_path / f"w{n}"), stack=stack)
+        with gzip.open(out / "lists.jsonl.gz", "rt") as fh:
+            lists.append([json.loads(line) for line in fh])
+    assert len(lists[0]) == 60 and len(lists[1]) == 90
+    assert lists[1][:60] == lists[0] and all(r["items"] for r in lists[0])

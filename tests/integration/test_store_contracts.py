@@ -4,6 +4,7 @@ and the real servers (redis-server, Milvus Lite)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import uuid
 
@@ -46,7 +47,8 @@ def unit(i: int) -> np.ndarray:
 def run(url, test):
     """Run ``test(store)`` on a fresh store (fresh key prefix) inside one event loop."""
     async def go():
-        store = open_profile_store(url, f"c-{uuid.uuid4().hex[:8]}", dedupe_window=3, popularity_halflife_s=3600.0)
+        store = open_profile_store(url, f"c-{uuid.uuid4().hex[:8]}", dedupe_window=3, popularity_halflife_s=3600.0,
+                                   cooccur_keep=3)
         try:
             await test(store)
         finally:
@@ -111,6 +113,27 @@ def test_popularity_decays_with_event_time_and_survives_rescaling(url):
         assert [i for i, _ in await store.popular("tv", 1)] == ["new"]
         await store.remove_items(["later"], ())
         assert "later" not in [i for i, _ in await store.popular(None, 5)]
+    run(url, go)
+
+
+def test_cooccurrence_counts_normalises_keeps_the_most_frequent_and_forgets_removed_items(url):
+    from streams.stores.profiles import CoClick
+
+    async def go(store):
+        assert await store.cooccurring(["a"], 5) == {"a": []}
+        # three users click a then b; one clicks a then c; b is also clicked after d, e, f, g
+        await store.bump_cooccurrence([CoClick("a", []), CoClick("b", ["a"])] * 3
+                                      + [CoClick("a", []), CoClick("c", ["a", "a"])]
+                                      + [CoClick(x, []) for x in "defg"] + [CoClick("b", ["d", "e", "f", "g", "b"])])
+        got = await store.cooccurring(["a", "b", "zz"], 5)
+        # a: 4 clicks, b: 4 clicks, c: 1 click; co(a,b) = 3, co(a,c) = 1 (c's repeated 'a' counts once)
+        assert [x for x, _ in got["a"]] == ["b", "c"] and got["zz"] == []
+        assert got["a"][0][1] == pytest.approx(3 / math.sqrt(4 * 4)) and got["a"][1][1] == pytest.approx(1 / math.sqrt(4 * 1))
+        # b has partners a (3) and d, e, f, g (1 each): 3 kept, a and the greatest ids of the ties (f, g)
+        assert [x for x, _ in got["b"]] == ["a", "f", "g"]
+        assert (await store.cooccurring(["a"], 1))["a"] == got["a"][:1]
+        await store.remove_items(["b"], ())
+        assert [x for x, _ in (await store.cooccurring(["a"], 5))["a"]] == ["c"]
     run(url, go)
 
 

@@ -193,7 +193,7 @@ def test_a_concurrent_writer_makes_the_batch_reread_and_apply_once(pipeline):
 def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_index):
     """Each list sees the profile right after its event: nothing from later events in the batch,
     whether seen items are over-fetched or excluded in the index (with later clicks of the batch
-    added back). Global popularity is off: it depends on how partitions interleave."""
+    added back). Popularity and co-clicks are off: they depend on how partitions interleave."""
     import streams.pipeline
 
     monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", exclude_in_index)
@@ -202,7 +202,7 @@ def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_i
                "scene": "tv"},
               click("e4", "u", items_of("travel")[0], scene="mobile"), click("e5", "u", items_of("jazz")[1], scene="tv")]
     events += [click(f"j{n}", "u", item) for n, item in enumerate(items_of("jazz")[2:8])]
-    together, apart = make_pipeline(w_popularity=0.0), make_pipeline(w_popularity=0.0)
+    together, apart = (make_pipeline(w_popularity=0.0, w_cooccur=0.0), make_pipeline(w_popularity=0.0, w_cooccur=0.0))
     for p in (together, apart):
         asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
     one_batch = recs(asyncio.run(together.process_events(msgs(events))))
@@ -258,3 +258,19 @@ def test_seen_items_excluded_in_the_index_or_over_fetched_give_the_same_lists(mo
         lists[threshold] = [[i["item_id"] for i in r["items"]]
                             for b in batches for r in recs(asyncio.run(p.process_events(msgs(b))))]
     assert lists[1] == lists[10_000] and len(lists[1]) == sum(map(len, batches))
+
+
+def test_items_clicked_together_by_others_are_recommended_with_that_reason():
+    p = make_pipeline()
+    asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+    jazz, cooking = items_of("jazz")[0], items_of("cooking")[3]
+    history = [click(f"o{n}-{i}", f"other{n}", item) for n in range(4) for i, item in enumerate([jazz, cooking])]
+    asyncio.run(p.process_events(msgs(history)))
+    title = {it["item_id"]: it["title"] for it in CATALOG}
+    out = recs(asyncio.run(p.process_events(msgs([click("u1", "u", jazz)]))))[0]
+    assert out["items"][0]["item_id"] == cooking
+    assert out["items"][0]["reason"] == f"often clicked with {title[jazz]}"
+    off = make_pipeline(w_cooccur=0.0)
+    asyncio.run(off.process_catalog(msgs(CATALOG, "catalog")))
+    asyncio.run(off.process_events(msgs(history)))
+    assert cooking not in [i["item_id"] for i in recs(asyncio.run(off.process_events(msgs([click("u1", "u", jazz)]))))[0]["items"]]
