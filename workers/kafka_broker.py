@@ -48,7 +48,8 @@ def pinned_version(pom: Path = POM) -> str:
 def java_bin() -> str:
     """``java`` from ``$JAVA_HOME/bin`` or PATH, checked to be Java 17 or newer."""
     home = os.environ.get("JAVA_HOME")
-    found = str(Path(home) / "bin" / "java") if home and (Path(home) / "bin" / "java").exists() else shutil.which("java")
+    in_home = Path(home) / "bin" / "java" if home else None
+    found = str(in_home) if in_home and in_home.exists() else shutil.which("java")
     if not found:
         raise KafkaUnavailable(f"java {MIN_JAVA}+ not found (no JAVA_HOME/bin/java, no java on PATH)")
     major = java_major(found)
@@ -58,7 +59,7 @@ def java_bin() -> str:
 
 
 def java_major(java: str) -> int:
-    out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60, check=False)
     m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
     if not m:
         raise KafkaUnavailable(f"cannot tell the version of {java}: {(out.stderr or out.stdout).strip()[:200]}")
@@ -82,7 +83,8 @@ def resolve_libs(version: str, cache_root: Path = CACHE_ROOT, pom: Path = POM, t
     try:
         cmd = [mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(pom), f"-Dkafka.version={version}",
                "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
+                             check=False)
         jar = tmp / f"kafka_2.13-{version}.jar"
         if res.returncode != 0 or not jar.exists():
             raise RuntimeError(f"maven could not resolve org.apache.kafka:kafka_2.13:{version} "
@@ -201,7 +203,8 @@ class ApacheKafka:
                 f"-Dkafka.logs.dir={self.base_dir}", "-cp", str(libs / "*")]
         fmt = subprocess.run([*base, "kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted",
                               "--cluster-id", random_cluster_id(), "--config", str(props)],
-                             capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+                             capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
+                             check=False)
         if fmt.returncode != 0:
             raise RuntimeError(f"kafka storage format failed (exit {fmt.returncode}):\n"
                                f"{(fmt.stdout + fmt.stderr)[-3000:]}")

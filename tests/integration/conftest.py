@@ -37,7 +37,7 @@ def items_of(category: str) -> list[str]:
 BROKERS = ("tansu", "apache-kafka")
 
 
-def test_brokers() -> list[str]:
+def brokers_under_test() -> list[str]:
     wanted = [b.strip() for b in os.environ.get("STREAMREC_TEST_BROKERS", ",".join(BROKERS)).split(",") if b.strip()]
     unknown = set(wanted) - set(BROKERS)
     if unknown or not wanted:
@@ -45,13 +45,10 @@ def test_brokers() -> list[str]:
     return wanted
 
 
-test_brokers.__test__ = False  # not a test
-
-
 def pytest_generate_tests(metafunc):
     # every test that needs ``stack`` (directly or through a fixture) runs once per broker
     if "stack" in metafunc.fixturenames:
-        metafunc.parametrize("stack", test_brokers(), indirect=True, scope="session")
+        metafunc.parametrize("stack", brokers_under_test(), indirect=True, scope="session")
 
 
 @dataclass
