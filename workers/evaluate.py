@@ -333,17 +333,20 @@ def write_plots(out: Path, res: StreamResult, latencies_ms: list[float], k: int)
 
     plots = {}
     n_scored = max((len(h) for h in res.hits.values()), default=0)
-    window = max(50, min(2000, n_scored // 20))
+    window = max(1, min(max(50, min(2000, n_scored // 20)), n_scored))
     fig, ax = plt.subplots(figsize=(9, 5))
+    plotted = 0
     for name, hits in res.hits.items():
         pts = windowed_hit_rate(hits, window)
         if pts:
+            plotted += 1
             ax.plot([x for x, _ in pts], [y for _, y in pts], label=name, linewidth=2.2 if name == "streamrec" else 1.2)
     ax.set_xlabel("scored clicks, in stream order")
     ax.set_ylabel(f"HR@{k} over the last {window} scored clicks")
     ax.set_title(f"HR@{k} over the stream")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "hr_over_stream.png", dpi=110)
     plt.close(fig)
