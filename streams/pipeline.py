@@ -237,6 +237,9 @@ class Pipeline:
                 out.count("duplicates", n_dup)
         if len(answers) < len(by_user):  # retried as a whole batch by the agent
             raise ConflictError(f"profiles of {len(by_user) - len(answers)} users kept changing during the batch")
+        forgotten = sum(isinstance(e, ForgetUser) for e in valid)
+        if forgotten:
+            out.count("users_forgotten", forgotten)
         # Lists see popularity and co-clicks as they were before this batch: never a click that
         # comes after their event.
         flat = [a for u in by_user for a in answers[u] if a is not None]
@@ -260,13 +263,14 @@ class Pipeline:
         added: list[str] = []
         applied_ids: list[str] = []
         seen_in_batch: set[str] = set()
-        n_dup = 0
+        n_dup = n_committed = 0
         for e in user_events:
             duplicate = e.event_id in applied_before or e.event_id in seen_in_batch
             seen_in_batch.add(e.event_id)
             if isinstance(e, ForgetUser):
                 if applied_ids:
                     await self.profiles.commit(profile, expected, added, applied_ids)
+                    n_committed += len(applied_ids)
                 await self.profiles.forget(e.user_id)
                 profile, expected, base_seen, added, applied_ids = Profile(user_id=e.user_id), 0, set(), [], []
                 answers.append(None)  # a forgotten user gets no list
@@ -296,7 +300,7 @@ class Pipeline:
                                    e.timestamp, self.k, snap, duplicate=duplicate))
         if applied_ids:
             await self.profiles.commit(profile, expected, added, applied_ids)
-        return answers, pops, coclicks, len(applied_ids), n_dup
+        return answers, pops, coclicks, n_committed + len(applied_ids), n_dup
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -181,3 +181,25 @@ def test_the_same_event_twice_changes_the_profile_once(harness):
     assert profile.clicks == 1 and profile.version == 1
     stats = wait_stat_all(harness, {"duplicates": 1})
     assert stats["events_applied"] == 1 and stats["duplicates"] == 1
+
+
+def test_a_forgotten_user_is_deleted_gets_nothing_and_starts_afresh_on_return(harness):
+    r = harness.redis
+    keys = [f"{harness.prefix}:{{u:gina}}:{k}" for k in ("p", "seen", "ev")]
+    clicks = [harness.click("gina", i) for i in items_of("jazz")[:3]]
+    harness.run(clicks)
+    assert all(r.exists(k) for k in keys)
+    forget = {"type": "forget", "event_id": harness.next_id(), "user_id": "gina", "timestamp": time.time()}
+    req = harness.request("gina", k=5)
+    harness.send([forget])
+    wait_stat(r, harness.prefix, "users_forgotten", 1, 60, harness.worker)
+    assert not any(r.exists(k) for k in keys)  # profile, seen set and applied-event ids are gone
+    after = harness.run([req])[req["request_id"]]
+    assert after["cold_start"] is True  # nothing personal is left to recommend from
+    recs = read_outputs(harness.log, harness.settings.topic_recommendations, [c["event_id"] for c in clicks], 30)
+    assert forget["event_id"] not in recs  # a forget produces no list
+    back = harness.click("gina", items_of("cooking")[0])
+    again = harness.run([back])[back["event_id"]]
+    assert again["cold_start"] is False
+    p = decode_profile("gina", r.hgetall(keys[0]), r.smembers(keys[1]))
+    assert p.clicks == 1 and p.seen == {items_of("cooking")[0]}  # a new profile, from the return only

@@ -143,6 +143,7 @@ def test_forget_deletes_the_profile_and_answers_nothing(pipeline):
     out = asyncio.run(pipeline.process_events(msgs(batch)))
     assert [r["trigger_event_id"] for r in recs(out)] == ["e1"]
     assert asyncio.run(pipeline.profiles.load(["u"]))["u"].is_cold
+    assert out.stats["users_forgotten"] == 1 and out.stats["events_applied"] == 1
 
 
 def test_deleted_items_leave_index_cache_and_lists(pipeline):
