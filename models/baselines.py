@@ -348,8 +348,8 @@ class ImplicitALSBaseline(Baseline):
 
     def __init__(self, retrain_every: int = 5000, factors: int = 64, seed: int = 0) -> None:
         self.retrain_every, self.factors, self.seed = retrain_every, factors, seed
-        self.items = _ItemIndex()
-        self.counts = np.zeros(0)  # clicks per item: the fallback ranking
+        self.fallback = PopularityBaseline()  # click counts, over the same item index
+        self.items = self.fallback.items
         self.users: dict[str, _Row] = {}  # each user's clicks: item indices and counts
         self.clicks = 0
         self.trainings = 0
@@ -357,13 +357,11 @@ class ImplicitALSBaseline(Baseline):
         self.item_factors: np.ndarray | None = None
 
     def add_items(self, items: Iterable[str]) -> None:
-        self.items.extend(items)
-        self.counts = _grown(self.counts, len(self.items))
+        self.fallback.add_items(items)
 
     def update(self, user: str, item: str, timestamp: float) -> None:
-        i = self.items.add(item)
-        self.counts = _grown(self.counts, len(self.items))
-        self.counts[i] += 1
+        self.fallback.update(user, item, timestamp)
+        i = self.items.pos[item]
         row = self.users.get(user)
         if row is None:
             row = self.users[user] = _Row()
@@ -413,11 +411,10 @@ class ImplicitALSBaseline(Baseline):
         n = len(self.items)
         factor = self._user_factor(user)
         if factor is None:
-            scores = self.counts[:n].copy()
-        else:
-            scores = np.zeros(n)
-            with _one_blas_thread():
-                scores[: self.item_factors.shape[0]] = self.item_factors @ factor
+            return self.fallback.recommend(user, k, exclude)
+        scores = np.zeros(n)
+        with _one_blas_thread():
+            scores[: self.item_factors.shape[0]] = self.item_factors @ factor
         return self.items.to_ids(_top_k(scores, k, self.items.indices(exclude)))
 
 
