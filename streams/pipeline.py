@@ -418,12 +418,13 @@ class Pipeline:
         # Popular items join every personalised list's candidates (scored by cosine like the rest,
         # plus the popularity boost) and fill the cold-start lists.
         pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
-        pools: dict[Optional[str], tuple[list[Candidate], list[Candidate], dict[str, float]]] = {}
+        pools: dict[Optional[str], tuple[list[Candidate], dict[str, float]]] = {}
+        newest: Optional[list[Candidate]] = None  # read only when a list needs filling
         produced: list[Recommendations] = []
         for i, a in enumerate(answers):
             if a.scene not in pools:
-                pools[a.scene] = await self._cold_pool(a.scene, pool_size)
-            popular, newest, popularity = pools[a.scene]
+                pools[a.scene] = await self._popular_pool(a.scene, pool_size)
+            popular, popularity = pools[a.scene]
             ranked: list[Ranked] = []
             if a.vector is not None:
                 candidates = results.get(i, [])
@@ -435,6 +436,8 @@ class Pipeline:
                               only_categories=a.only_categories, popularity=popularity,
                               cooccur=cooccur.get(i), cooccur_with=cooccur_with.get(i))
             if len(ranked) < a.k:
+                if newest is None:
+                    newest = await self._pool(await self.profiles.newest(pool_size))
                 taken = {r.item_id for r in ranked}
                 fill = cold_start(popular, newest, a.k - len(ranked) + len(a.profile.seen), exclude=a.exclude | taken,
                                   only_categories=a.only_categories)
@@ -484,16 +487,17 @@ class Pipeline:
             results[i] = results.get(i, []) + [Candidate(y, float(np.dot(a.vector, known[y].vector)), *_attrs(known[y]))
                                                for y in ys if y in known and known[y].vector is not None]
 
-    async def _cold_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], list[Candidate], dict[str, float]]:
-        """The ``n`` most popular items (with vectors, similarity = popularity), the ``n`` newest,
-        and each popular item's popularity relative to the first."""
+    async def _popular_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], dict[str, float]]:
+        """The ``n`` most popular items (with vectors, similarity = popularity) and each one's
+        popularity relative to the first."""
         popular = await self.profiles.popular(scene, n)
-        newest = await self.profiles.newest(n)
-        meta = await self.fetch_items([i for i, _ in popular] + [i for i, _ in newest])
-        def pool(rows: list[tuple[str, float]]) -> list[Candidate]:
-            return [Candidate(i, s, *_attrs(meta[i])) for i, s in rows if i in meta]
         top = popular[0][1] if popular and popular[0][1] > 0 else 1.0
-        return pool(popular), pool(newest), {i: s / top for i, s in popular}
+        return await self._pool(popular), {i: s / top for i, s in popular}
+
+    async def _pool(self, rows: list[tuple[str, float]]) -> list[Candidate]:
+        """Candidates with vectors and attributes for (item id, score) rows; unknown items dropped."""
+        meta = await self.fetch_items([i for i, _ in rows])
+        return [Candidate(i, s, *_attrs(meta[i])) for i, s in rows if i in meta]
 
     def dead_letter(self, m: RawMessage, error: str, reason: str) -> tuple[Optional[bytes], bytes]:
         """A dead-letter message for ``m``, keyed like the original."""
