@@ -68,52 +68,35 @@ class _Answers:
         self.changed = threading.Condition(self.lock)
 
 
-def _read_answers(log, s: Settings, answers: _Answers, stop: threading.Event) -> None:
+def _read_answers(log, s: Settings, answers: _Answers, stop: threading.Event, timeout_s: float) -> None:
     """Tail the recommendations and dead-letter topics into ``answers`` until ``stop``."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=log.bootstrap, client_id="streamrec-eval", group_id=None,
-                             enable_auto_commit=False, fetch_max_wait_ms=100, auto_offset_reset="earliest",
-                             max_partition_fetch_bytes=8 << 20)
     try:
-        tps = []
-        for topic in (s.topic_recommendations, s.topic_deadletter):
-            parts = None
-            while not parts and not stop.is_set():
-                parts = consumer.partitions_for_topic(topic)
-                if not parts:
-                    consumer.poll(timeout_ms=100)
-            tps += [TopicPartition(topic, p) for p in sorted(parts or ())]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        while not stop.is_set():
-            polled = consumer.poll(timeout_ms=200, max_records=5000)
-            if not polled:
+        for batch in log.tail([s.topic_recommendations, s.topic_deadletter], timeout_s=timeout_s):
+            if stop.is_set():
+                return
+            if not batch:
                 continue
             with answers.lock:
-                for tp, records in polled.items():
-                    for r in records:
-                        msg = json.loads(r.value)
-                        if tp.topic == s.topic_deadletter:
-                            eid = _event_id(msg.get("value_b64", ""))
-                            if eid is not None and eid not in answers.dead and eid not in answers.lists:
-                                answers.dead[eid] = f"{msg.get('error')}: {msg.get('reason')}"
-                                answers.done += 1
-                            continue
-                        eid = msg["trigger_event_id"]
-                        if msg.get("duplicate") or eid in answers.lists:
-                            answers.duplicates += 1
-                            continue
-                        answers.lists[eid] = [it["item_id"] for it in msg["items"]]
-                        answers.produced[eid] = float(msg["produced_time"])
-                        answers.done += 1
+                for r in batch:
+                    msg = json.loads(r.value)
+                    if r.topic == s.topic_deadletter:
+                        eid = _event_id(msg.get("value_b64", ""))
+                        if eid is not None and eid not in answers.dead and eid not in answers.lists:
+                            answers.dead[eid] = f"{msg.get('error')}: {msg.get('reason')}"
+                            answers.done += 1
+                        continue
+                    eid = msg["trigger_event_id"]
+                    if msg.get("duplicate") or eid in answers.lists:
+                        answers.duplicates += 1
+                        continue
+                    answers.lists[eid] = [it["item_id"] for it in msg["items"]]
+                    answers.produced[eid] = float(msg["produced_time"])
+                    answers.done += 1
                 answers.changed.notify_all()
     except BaseException as exc:  # surfaced to the sender, which would otherwise wait forever
         with answers.lock:
             answers.error = exc
             answers.changed.notify_all()
-    finally:
-        consumer.close()
 
 
 def _event_id(value_b64: str) -> Optional[str]:
@@ -223,7 +206,8 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
              f"streaming {len(events)} events, at most {opts.in_flight} unanswered")
         answers = _Answers()
         stop = threading.Event()
-        reader = threading.Thread(target=_read_answers, args=(log, s, answers, stop), daemon=True)
+        reader = threading.Thread(target=_read_answers, args=(log, s, answers, stop, opts.timeout_s + 600),
+                                  daemon=True)
         reader.start()
         try:
             first_sent = time.time()

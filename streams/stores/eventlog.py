@@ -83,22 +83,26 @@ class KafkaEventLog:
                 break
         return out
 
-    def tail(self, topic: str, *, timeout_s: float, from_beginning: bool = True) -> Iterator[list[LogRecord]]:
-        """Yield batches of records of ``topic`` as they arrive, until ``timeout_s`` passes."""
+    def tail(self, topic: str | Sequence[str], *, timeout_s: float, from_beginning: bool = True) -> Iterator[list[LogRecord]]:
+        """Yield batches of records of ``topic`` (one or several) as they arrive, until
+        ``timeout_s`` passes."""
         from kafka import KafkaConsumer, TopicPartition
 
         consumer = KafkaConsumer(**self._common(), enable_auto_commit=False, group_id=None, fetch_max_wait_ms=100,
+                                 max_partition_fetch_bytes=8 << 20,
                                  auto_offset_reset="earliest" if from_beginning else "latest")
         try:
             deadline = time.monotonic() + timeout_s
-            parts = None
-            while parts is None and time.monotonic() < deadline:
-                parts = consumer.partitions_for_topic(topic)
-                if parts is None:
-                    consumer.poll(timeout_ms=100)
-            if not parts:
+            tps = []
+            for name in [topic] if isinstance(topic, str) else topic:
+                parts = None
+                while parts is None and time.monotonic() < deadline:
+                    parts = consumer.partitions_for_topic(name)
+                    if parts is None:
+                        consumer.poll(timeout_ms=100)
+                tps += [TopicPartition(name, p) for p in sorted(parts or ())]
+            if not tps:
                 return
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             if from_beginning:
                 consumer.seek_to_beginning(*tps)
