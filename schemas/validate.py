@@ -24,6 +24,7 @@ REQUEST_TYPES = {"request": RecommendationRequest}
 TYPE_OF = {cls: name for table in (EVENT_TYPES, CATALOG_TYPES, REQUEST_TYPES) for name, cls in table.items()}
 _ID_FIELDS = {"event_id", "user_id", "item_id", "request_id", "exclude"}  # ``exclude`` holds item ids
 _MAY_BE_EMPTY = {"description", "category"}
+_TEXT_CONTROLS = frozenset(chr(i) for i in [*range(32), 127]) - {"\t", "\n", "\r"}
 
 
 class InvalidMessage(ValueError):
@@ -199,8 +200,12 @@ def _check_str(where: str, name: str, value: str, limits: Limits) -> str:
             raise InvalidMessage("too_long", f"{where} has {len(value)} characters, limit {limits.max_id_chars}")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise InvalidMessage("bad_value", f"{where} contains control characters")
-    elif len(value) > limits.max_text_chars:
-        raise InvalidMessage("too_long", f"{where} has {len(value)} characters, limit {limits.max_text_chars}")
+    else:
+        if len(value) > limits.max_text_chars:
+            raise InvalidMessage("too_long", f"{where} has {len(value)} characters, limit {limits.max_text_chars}")
+        if any(c in _TEXT_CONTROLS for c in value):
+            raise InvalidMessage("bad_value", f"{where} contains control characters (only tab and newlines "
+                                 "are allowed in text)")
     if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
         raise InvalidMessage("bad_encoding", f"{where} contains unpaired surrogates")
     if name not in _MAY_BE_EMPTY and not value.strip():

@@ -29,11 +29,25 @@ def broker_urls(settings: Settings) -> list[str]:
     return [f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",") if h.strip()]
 
 
+def broker_credentials(settings: Settings) -> Optional[faust.auth.Credentials]:
+    """Faust's credentials for the settings' Kafka security (producer and consumers alike):
+    SASL PLAIN or SCRAM, over TLS for SASL_SSL; TLS alone for SSL; ``None`` for PLAINTEXT."""
+    from streams.security import kafka_sasl, kafka_ssl_context
+
+    ctx = kafka_ssl_context(settings)
+    if kafka_sasl(settings):
+        return faust.SASLCredentials(username=settings.kafka_sasl_username,
+                                     password=settings.kafka_sasl_password.get_secret_value(),
+                                     mechanism=settings.kafka_sasl_mechanism, ssl_context=ctx)
+    return faust.SSLCredentials(ctx) if ctx is not None else None
+
+
 def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust.App:
     """Build the Faust app. ``pipeline`` may be ``None`` only to inspect the app (``faust -A``)."""
     app = App(
         settings.app_id,
         broker=broker_urls(settings),
+        broker_credentials=broker_credentials(settings),
         store="memory://",
         datadir=str(Path(settings.data_dir) / "faust-{conf.id}"),
         web_enabled=False,

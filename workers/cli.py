@@ -14,9 +14,19 @@ from pathlib import Path
 
 
 def _settings():
+    """The settings from the environment; invalid ones exit with each problem on a line (never the
+    values, which may be secrets)."""
+    from pydantic import ValidationError
+
     from workers.settings import Settings
 
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                 for e in exc.errors(include_url=False, include_input=False, include_context=False)]
+        print("streamrec: invalid settings (STREAMREC_* environment):\n" + "\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -43,12 +53,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.preflight import ServiceError
     from workers.worker import run_worker
 
     settings = _settings()
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("streamrec.worker").info("settings: %s", json.dumps(settings.masked()))
-    run_worker(settings, args.loglevel)
+    try:
+        run_worker(settings, args.loglevel)
+    except ServiceError as exc:
+        print(f"streamrec worker: {settings.scrub(str(exc))}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings().masked(), indent=2))
     return 0
 
 
@@ -84,7 +104,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         print(f"streamrec load: {errors} invalid line(s), nothing sent (use --skip-invalid to send the rest)",
               file=sys.stderr)
         return 2
-    log = KafkaEventLog(settings.kafka_bootstrap)
+    log = KafkaEventLog.from_settings(settings)
     log.ensure_topics(all_topics(settings), settings.topic_partitions, settings.topic_replication)
     total = sum(log.publish(topic, records) for topic, records in by_topic.items())
     log.close()
@@ -125,16 +145,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    from streams.security import kafka_client_options
     from workers.replay import record
 
     settings = _settings()
     n = record(settings.kafka_bootstrap, args.topics, Path(args.out), start=args.start, end=args.end,
-               timeout_s=args.timeout, progress=not args.quiet)
+               timeout_s=args.timeout, progress=not args.quiet, kafka_options=kafka_client_options(settings))
     print(json.dumps({"recorded": n, "file": args.out}))
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from streams.security import kafka_client_options
     from workers.replay import replay
 
     settings = _settings()
@@ -148,7 +170,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     default_state = args.file + ("." + "+".join(args.topic) if args.topic else "") + ".replay-state"
     state = Path(args.state or default_state)
     n = replay(settings.kafka_bootstrap, Path(args.file), rename=rename, speed=args.speed, state=state,
-               progress=not args.quiet, topics=args.topic or None)
+               progress=not args.quiet, topics=args.topic or None, kafka_options=kafka_client_options(settings))
     print(json.dumps({"sent": n, "state": str(state)}))
     return 0
 
@@ -201,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run the Faust worker against the broker, Redis and Milvus of the settings")
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
+
+    cf = sub.add_parser("config", help="print the settings from the environment as JSON, secrets masked")
+    cf.set_defaults(func=cmd_config)
 
     ld = sub.add_parser("load", help="publish a JSONL file of catalog items, events or requests to their topics")
     ld.add_argument("file")

@@ -4,7 +4,12 @@ beyond Maven: the jars come from Maven Central through ``deploy/kafka/pom.xml`` 
 pinned there) and are kept in ``.streamrec/kafka-VERSION/libs`` so later runs reuse them.
 
 Needs Java 17 or newer; Maven only while the jars are not cached yet. Without them,
-:class:`KafkaUnavailable` says what is missing (the test fixture turns it into a skip)."""
+:class:`KafkaUnavailable` says what is missing (the test fixture turns it into a skip).
+
+Optionally secured: with ``users`` the broker also listens on SASL_PLAINTEXT (PLAIN, SCRAM-SHA-256
+and SCRAM-SHA-512, every user with every mechanism), and with ``tls=True`` on SASL_SSL too, with a
+self-signed certificate made by ``keytool`` (its PEM is :attr:`ApacheKafka.ca_file`). The PLAINTEXT
+listener stays, for the broker itself and for readiness checks."""
 
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ HEAP = ["-Xmx512m", "-Xms128m"]
 JVM_OPTS = ["-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
             "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true"]
 COMPLETE = ".complete"  # marks a libs folder that Maven filled completely
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SAFE = re.compile(r"[A-Za-z0-9._-]+")  # user names and passwords written into JAAS and --add-scram
 
 
 class KafkaUnavailable(RuntimeError):
@@ -137,6 +144,78 @@ def server_properties(log_dir: Path, port: int, controller_port: int, host: str 
     }
 
 
+def security_properties(host: str, port: int, controller_port: int, users: dict[str, str], sasl_port: int,
+                        sasl_ssl_port: int = 0, keystore: Optional[Path] = None,
+                        keystore_password: str = "") -> dict[str, str]:
+    """Properties to lay over :func:`server_properties`: SASL_PLAINTEXT on ``sasl_port`` (and
+    SASL_SSL on ``sasl_ssl_port`` with a PKCS12 ``keystore``), PLAIN users from the listener's
+    JAAS config, SCRAM users from the metadata log (see :func:`scram_format_args`)."""
+    check_users(users)
+    names = {"SASL_PLAINTEXT": sasl_port, **({"SASL_SSL": sasl_ssl_port} if sasl_ssl_port else {})}
+    listeners = [f"PLAINTEXT://{host}:{port}"] + [f"{n}://{host}:{p}" for n, p in names.items()]
+    plain = " ".join(f'user_{u}="{pw}"' for u, pw in users.items())
+    props = {
+        "listeners": ",".join(listeners + [f"CONTROLLER://{host}:{controller_port}"]),
+        "advertised.listeners": ",".join(listeners),
+        "listener.security.protocol.map": ",".join(
+            ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"] + [f"{n}:{n}" for n in names]),
+        "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+    }
+    for n in names:
+        prefix = f"listener.name.{n.lower()}"
+        props[f"{prefix}.plain.sasl.jaas.config"] = \
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};"
+        for mech in SASL_MECHANISMS[1:]:
+            props[f"{prefix}.{mech.lower()}.sasl.jaas.config"] = \
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    if sasl_ssl_port:
+        if keystore is None:
+            raise ValueError("a SASL_SSL listener needs a keystore")
+        props.update({"ssl.keystore.location": str(keystore), "ssl.keystore.type": "PKCS12",
+                      "ssl.keystore.password": keystore_password, "ssl.key.password": keystore_password,
+                      "ssl.client.auth": "none"})
+    return props
+
+
+def check_users(users: dict[str, str]) -> None:
+    bad = [u for u, pw in users.items() if not _SAFE.fullmatch(u) or not _SAFE.fullmatch(pw)]
+    if bad or not users:
+        raise ValueError(f"Kafka test users need names and passwords of [A-Za-z0-9._-] (bad: {bad or 'none given'})")
+
+
+def scram_format_args(users: dict[str, str]) -> list[str]:
+    """``StorageTool format`` arguments that create every user for both SCRAM mechanisms."""
+    check_users(users)
+    return [arg for mech in SASL_MECHANISMS[1:] for u, pw in users.items()
+            for arg in ("--add-scram", f"{mech}=[name={u},password={pw}]")]
+
+
+def make_keystore(java: str, folder: Path, host: str, password: str) -> tuple[Path, Path]:
+    """A self-signed server certificate for ``host`` (its IP or name, and localhost) in a PKCS12
+    keystore, and the certificate as PEM for clients to trust; returns (keystore, pem)."""
+    keytool = Path(java).with_name("keytool")
+    tool = str(keytool) if keytool.exists() else shutil.which("keytool")
+    if not tool:
+        raise KafkaUnavailable(f"keytool not found next to {java} or on PATH (needed for the TLS listener)")
+    folder.mkdir(parents=True, exist_ok=True)
+    keystore, pem = folder / "broker.p12", folder / "broker-ca.pem"
+    keystore.unlink(missing_ok=True)
+    san = f"IP:{host}" if re.fullmatch(r"[0-9.]+", host) else f"DNS:{host}"
+    steps = [
+        ["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity", "7",
+         "-dname", f"CN={host}", "-ext", f"SAN={san},DNS:localhost", "-ext", "BC:c=ca:true",
+         "-keystore", str(keystore), "-storetype", "PKCS12", "-storepass", password, "-keypass", password],
+        ["-exportcert", "-rfc", "-alias", "broker", "-keystore", str(keystore), "-storepass", password,
+         "-file", str(pem)],
+    ]
+    for args in steps:
+        res = subprocess.run([tool, *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                             check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"keytool {args[0]} failed (exit {res.returncode}): {(res.stdout + res.stderr)[-2000:]}")
+    return keystore, pem
+
+
 def write_properties(path: Path, props: dict[str, str]) -> None:
     def esc(v: str) -> str:  # java.util.Properties: backslashes and leading spaces need escaping
         return v.replace("\\", "\\\\")
@@ -159,12 +238,26 @@ logger.request.level = WARN
 class ApacheKafka:
     """``with ApacheKafka(dir) as k: ... k.bootstrap ...``: formats a fresh KRaft log dir in
     ``base_dir``, starts the broker, waits until it answers metadata requests, and stops it
-    (SIGTERM, then SIGKILL after a timeout). The broker's output goes to ``base_dir/kafka.log``."""
+    (SIGTERM, then SIGKILL after a timeout). The broker's output goes to ``base_dir/kafka.log``.
+
+    ``users`` (name to password) adds a SASL_PLAINTEXT listener (:attr:`sasl_bootstrap`) where they
+    log in with PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; ``tls=True`` adds SASL_SSL
+    (:attr:`sasl_ssl_bootstrap`, trusting :attr:`ca_file`)."""
 
     def __init__(self, base_dir: Path, port: int = 0, version: Optional[str] = None,
-                 cache_root: Path = CACHE_ROOT, host: str = "127.0.0.1") -> None:
+                 cache_root: Path = CACHE_ROOT, host: str = "127.0.0.1", *,
+                 users: Optional[dict[str, str]] = None, tls: bool = False) -> None:
+        if tls and not users:
+            raise ValueError("tls=True needs users (the TLS listener is SASL_SSL)")
+        if users:
+            check_users(users)
         self.base_dir = Path(base_dir)
         self.port = port
+        self.users = dict(users or {})
+        self.tls = tls
+        self.sasl_port = 0
+        self.sasl_ssl_port = 0
+        self.ca_file: Optional[Path] = None
         self.controller_port = 0
         self.host = host
         self.version = version or pinned_version()
@@ -178,6 +271,16 @@ class ApacheKafka:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def sasl_bootstrap(self) -> str:
+        """The SASL_PLAINTEXT listener (needs ``users``)."""
+        return f"{self.host}:{self.sasl_port}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        """The SASL_SSL listener (needs ``tls=True``)."""
+        return f"{self.host}:{self.sasl_ssl_port}"
+
     def check(self) -> tuple[str, Path]:
         """(java, libs folder), resolving the jars if needed; raises :class:`KafkaUnavailable`."""
         java = java_bin()
@@ -190,19 +293,38 @@ class ApacheKafka:
         java, libs = self.check()
         t0 = time.monotonic()
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
-        self.controller_port = free_port()
-        while self.controller_port == self.port:
-            self.controller_port = free_port()
+        taken = {self.port} if self.port else set()
+
+        def port() -> int:
+            p = free_port()
+            while p in taken:
+                p = free_port()
+            taken.add(p)
+            return p
+
+        self.port = self.port or port()
+        self.controller_port = port()
         data = self.base_dir / "data"
         props = self.base_dir / "server.properties"
-        write_properties(props, server_properties(data, self.port, self.controller_port, self.host))
+        config = server_properties(data, self.port, self.controller_port, self.host)
+        scram: list[str] = []
+        if self.users:
+            self.sasl_port = port()
+            self.sasl_ssl_port = port() if self.tls else 0
+            keystore, secret = None, ""
+            if self.tls:
+                secret = uuid.uuid4().hex
+                keystore, self.ca_file = make_keystore(java, self.base_dir / "tls", self.host, secret)
+            config.update(security_properties(self.host, self.port, self.controller_port, self.users,
+                                              self.sasl_port, self.sasl_ssl_port, keystore, secret))
+            scram = scram_format_args(self.users)
+        write_properties(props, config)
         log4j = self.base_dir / "log4j2.properties"
         log4j.write_text(LOG4J2)
         base = [java, *HEAP, *JVM_OPTS, f"-Dlog4j2.configurationFile={log4j}",
                 f"-Dkafka.logs.dir={self.base_dir}", "-cp", str(libs / "*")]
         fmt = subprocess.run([*base, "kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted",
-                              "--cluster-id", random_cluster_id(), "--config", str(props)],
+                              "--cluster-id", random_cluster_id(), "--config", str(props), *scram],
                              capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
                              check=False)
         if fmt.returncode != 0:
@@ -212,7 +334,10 @@ class ApacheKafka:
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout_s
-            wait_for(lambda: port_open(self.port), "Apache Kafka", timeout_s, self.proc, self.log_path)
+            for p in (self.port, self.sasl_port, self.sasl_ssl_port):
+                if p:
+                    wait_for(lambda p=p: port_open(p), "Apache Kafka", max(deadline - time.monotonic(), 1.0),
+                             self.proc, self.log_path)
             wait_for(self._ready, "Apache Kafka metadata", max(deadline - time.monotonic(), 1.0), self.proc,
                      self.log_path)
         except BaseException:

@@ -68,10 +68,12 @@ def parse_time(text: str) -> float:
 
 
 def record(bootstrap: str, topics: Sequence[str], out: Path, *, start: str = "earliest", end: str = "now",
-           timeout_s: float = 600.0, progress: bool = True) -> int:
+           timeout_s: float = 600.0, progress: bool = True, kafka_options: Optional[dict] = None) -> int:
     """Copy ``topics`` to ``out``; returns the number of messages written.
 
     Args:
+        kafka_options: further kafka-python client arguments (security, see
+            :func:`streams.security.kafka_client_options`).
         start: ``earliest``, a time (Unix seconds or ISO-8601), or per-partition offsets
             ``P=OFFSET,...`` (for every topic; ``TOPIC/P=OFFSET`` for one).
         end: ``now`` (what the topics hold when recording starts), ``count:N``, or a time.
@@ -81,7 +83,8 @@ def record(bootstrap: str, topics: Sequence[str], out: Path, *, start: str = "ea
     from tqdm import tqdm
 
     consumer = KafkaConsumer(bootstrap_servers=[h.strip() for h in bootstrap.split(",")], group_id=None,
-                             enable_auto_commit=False, fetch_max_wait_ms=100, client_id="streamrec-record")
+                             enable_auto_commit=False, fetch_max_wait_ms=100, client_id="streamrec-record",
+                             **(kafka_options or {}))
     try:
         tps = []
         for t in topics:
@@ -194,10 +197,12 @@ def read_recording(path: Path) -> tuple[dict, Iterator[Recorded]]:
 
 def replay(bootstrap: str, path: Path, *, rename: Optional[dict[str, str]] = None, speed: float = 0.0,
            state: Optional[Path] = None, chunk: int = 500, progress: bool = True,
-           stop_after: Optional[int] = None, topics: Optional[Sequence[str]] = None) -> int:
+           stop_after: Optional[int] = None, topics: Optional[Sequence[str]] = None,
+           kafka_options: Optional[dict] = None) -> int:
     """Publish a recording; returns the number of messages sent by this call.
 
     Args:
+        kafka_options: further kafka-python client arguments (security).
         rename: topic names to replace (``{"old": "new"}``).
         speed: 0 for as fast as possible, else N times the recorded pace.
         state: a file counting confirmed messages; a replay with the same state file resumes.
@@ -212,7 +217,7 @@ def replay(bootstrap: str, path: Path, *, rename: Optional[dict[str, str]] = Non
     already = int(json.loads(state.read_text())["sent"]) if state is not None and state.exists() else 0
     producer = KafkaProducer(bootstrap_servers=[h.strip() for h in bootstrap.split(",")], acks="all",
                              linger_ms=5, retries=10, max_in_flight_requests_per_connection=1,
-                             enable_idempotence=False, client_id="streamrec-replay")
+                             enable_idempotence=False, client_id="streamrec-replay", **(kafka_options or {}))
     sent = 0
     bar = tqdm(desc="replay", unit="msg", total=header.get("messages"), initial=already, disable=not progress,
                file=sys.stderr)

@@ -58,7 +58,15 @@ class WorkerProcess:
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, no offset commit, nothing flushed."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
     def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (a clean shutdown that commits offsets), then SIGKILL after ``timeout_s``."""
         if self.proc is None or self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGTERM)

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.params import ModelParams
@@ -34,9 +35,25 @@ class Settings(BaseSettings):
     kafka_rebalance_timeout_s: float = Field(
         30.0, gt=0, description="how long a rebalance waits for members to rejoin; a new group on some "
         "brokers (Tansu) waits this long before its first assignment")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="SASL_* logs in with the user below; *SSL is TLS")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism (SASL_* protocols only)")
+    kafka_sasl_username: str = Field("", description="SASL user (SASL_* protocols only)")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password")
+    kafka_ssl_cafile: str = Field("", description="PEM of the CAs to trust; empty: the system's")
+    kafka_ssl_certfile: str = Field("", description="client certificate PEM, for brokers that require one")
+    kafka_ssl_keyfile: str = Field("", description="its private key PEM (may be in the certfile)")
+    kafka_ssl_key_password: SecretStr = Field(SecretStr(""), description="password of an encrypted keyfile")
+    kafka_ssl_check_hostname: bool = Field(True, description="check that the broker's certificate names its host")
 
     # Stores
     redis_url: str = Field("redis://localhost:6379/0", description="profile store URL (redis://, rediss://, memory://)")
+    redis_username: str = Field("", description="Redis ACL user; empty: the URL's, else `default`")
+    redis_password: SecretStr = Field(SecretStr(""), description="Redis password; empty: the URL's, if any")
+    redis_ssl_cafile: str = Field("", description="rediss://: PEM of the CAs to trust; empty: the system's")
+    redis_ssl_certfile: str = Field("", description="rediss://: client certificate PEM")
+    redis_ssl_keyfile: str = Field("", description="rediss://: its private key PEM")
     key_prefix: str = Field("streamrec", description="prefix of every Redis key")
     milvus_uri: str = Field("http://localhost:19530", description="item index URI (http(s)://host:port, a .db file, memory://)")
     milvus_token: SecretStr = Field(SecretStr(""), description="Milvus token (user:password or API key)")
@@ -45,6 +62,9 @@ class Settings(BaseSettings):
     milvus_flush_writes: bool = Field(
         True, description="flush after every catalog batch: searches then run on sealed, indexed segments "
         "(10x faster on Milvus Lite at 10,000 items); turn off on Milvus standalone with busy catalogs")
+    milvus_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait of one Milvus call, its client's own retries included; the "
+        "worker then backs off and tries the batch again (unbounded, pymilvus retries for many minutes)")
     milvus_index_type: str = Field(
         "FLAT", description="vector index of a new collection: FLAT is exact and deterministic (replays give "
         "the same lists); HNSW/AUTOINDEX are approximate, for catalogs of millions")
@@ -66,6 +86,9 @@ class Settings(BaseSettings):
     dedupe_window: int = Field(10_000, ge=1, description="applied event ids remembered per user")
     popularity_halflife_s: float = Field(6 * 3600.0, gt=0)
     cooccur_keep: int = Field(200, ge=1, description="co-clicked partners kept per item (the most frequent)")
+    startup_timeout_s: float = Field(
+        30.0, ge=0, description="how long a starting worker waits for an unreachable Kafka, Redis or Milvus; "
+        "rejected credentials fail at once")
 
     # Limits on input (longer or larger input is dead-lettered with the reason)
     max_text_chars: int = Field(2_000, ge=1)
@@ -81,6 +104,56 @@ class Settings(BaseSettings):
 
     # The embedded stack
     data_dir: str = Field(".streamrec", description="where `streamrec up` keeps its files and a worker Faust's")
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> "Settings":
+        protocol = self.kafka_security_protocol
+        sasl, tls = protocol.startswith("SASL_"), protocol.endswith("SSL")
+        has_password = bool(self.kafka_sasl_password.get_secret_value())
+        if sasl and not (self.kafka_sasl_username and has_password):
+            raise ValueError(f"kafka_security_protocol={protocol} needs kafka_sasl_username and kafka_sasl_password")
+        if not sasl and (self.kafka_sasl_username or has_password):
+            raise ValueError(f"a Kafka SASL user or password is set but kafka_security_protocol is {protocol}: "
+                             "use SASL_PLAINTEXT or SASL_SSL")
+        tls_files = [n for n in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile") if getattr(self, n)]
+        if tls_files and not tls:
+            raise ValueError(f"{', '.join(tls_files)} set but kafka_security_protocol is {protocol}: use SSL or SASL_SSL")
+        if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
+            raise ValueError("kafka_ssl_keyfile needs kafka_ssl_certfile")
+        url = urlsplit(self.redis_url)
+        tls_files = [n for n in ("redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile") if getattr(self, n)]
+        if tls_files and url.scheme != "rediss":
+            raise ValueError(f"{', '.join(tls_files)} set but redis_url is not rediss:// (TLS)")
+        if self.redis_ssl_keyfile and not self.redis_ssl_certfile:
+            raise ValueError("redis_ssl_keyfile needs redis_ssl_certfile")
+        if self.redis_username and url.username:
+            raise ValueError("a Redis user in both redis_url and redis_username: give it once")
+        if self.redis_password.get_secret_value() and url.password:
+            raise ValueError("a Redis password in both redis_url and redis_password: give it once")
+        return self
+
+    def secrets(self) -> list[str]:
+        """Every secret value: the SecretStr fields and the passwords inside URLs."""
+        out = [v.get_secret_value() for _, v in self if isinstance(v, SecretStr)]
+        for url in (self.redis_url, self.milvus_uri, self.kafka_bootstrap):
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                password = None
+            out += [password, unquote(password)] if password else []
+        return sorted({s for s in out if s}, key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret of these settings replaced by ``***`` (for error messages
+        that quote a server or a client library)."""
+        for secret in self.secrets():
+            text = text.replace(secret, "***")
+        return text
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked, for printing."""

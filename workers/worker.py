@@ -15,28 +15,36 @@ log = logging.getLogger("streamrec.worker")
 def build_pipeline(settings: Settings):
     """The encoder, the stores and the pipeline over them."""
     from models.encoder import TextEncoder
+    from streams.security import redis_options
     from streams.stores import open_item_index, open_profile_store
 
     encoder = TextEncoder(settings.encoder_model, settings.encoder_device, settings.encoder_max_length,
                           settings.encoder_batch_size, settings.encoder_threads)
     profiles = open_profile_store(settings.redis_url, settings.key_prefix, dedupe_window=settings.dedupe_window,
                                   popularity_halflife_s=settings.popularity_halflife_s,
-                                  cooccur_keep=settings.cooccur_keep)
+                                  cooccur_keep=settings.cooccur_keep, redis_options=redis_options(settings))
     items = open_item_index(settings.milvus_uri, encoder.dim, settings.milvus_collection,
                             settings.milvus_token.get_secret_value(), settings.milvus_consistency,
-                            settings.milvus_index_type, settings.milvus_flush_writes)
+                            settings.milvus_index_type, settings.milvus_flush_writes, settings.milvus_timeout_s)
     return Pipeline(profiles, items, encoder, settings.model, Limits.from_settings(settings), k=settings.k,
                     item_cache=ItemCache(settings.item_cache_size, settings.item_cache_ttl_s))
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
-    """Create the topics, load the encoder, and consume until stopped (SIGTERM or Ctrl-C)."""
+    """Check that Kafka, Redis and Milvus let the worker in (raises
+    :class:`workers.preflight.ServiceError`), create the topics, load the encoder, and consume until
+    stopped (SIGTERM or Ctrl-C)."""
+    import asyncio
+
     import faust
 
     from streams.app import create_app
     from streams.stores.eventlog import KafkaEventLog, all_topics
+    from workers.preflight import preflight
 
-    created = KafkaEventLog(settings.kafka_bootstrap).ensure_topics(
+    asyncio.run(preflight(settings))
+    log.info("startup checks passed")
+    created = KafkaEventLog.from_settings(settings).ensure_topics(
         all_topics(settings), settings.topic_partitions, settings.topic_replication)
     if created:
         log.info("created topics %s", created)

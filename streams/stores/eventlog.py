@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 
 @dataclass
@@ -19,15 +19,24 @@ class LogRecord:
 
 
 class KafkaEventLog:
-    """kafka-python clients for one cluster, created on first use."""
+    """kafka-python clients for one cluster, created on first use. ``options`` are further client
+    keyword arguments (security: see :meth:`from_settings`)."""
 
-    def __init__(self, bootstrap: str, client_id: str = "streamrec-tools") -> None:
+    def __init__(self, bootstrap: str, client_id: str = "streamrec-tools", **options: Any) -> None:
         self.bootstrap = [h.strip() for h in bootstrap.split(",") if h.strip()]
         self.client_id = client_id
+        self.options = options
         self._producer = None
 
+    @classmethod
+    def from_settings(cls, settings, client_id: str = "streamrec-tools") -> "KafkaEventLog":
+        """The event log of ``settings.kafka_bootstrap``, logged in as the settings say (SASL, TLS)."""
+        from streams.security import kafka_client_options
+
+        return cls(settings.kafka_bootstrap, client_id, **kafka_client_options(settings))
+
     def _common(self) -> dict:
-        return {"bootstrap_servers": self.bootstrap, "client_id": self.client_id}
+        return {"bootstrap_servers": self.bootstrap, "client_id": self.client_id, **self.options}
 
     def ensure_topics(self, names: Iterable[str], partitions: int, replication: int = 1,
                       timeout_s: float = 30.0) -> list[str]:

@@ -101,7 +101,8 @@ def _candidate(r: ItemRow, similarity: float) -> Candidate:
 
 
 def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", token: str = "",
-                    consistency: str = "Strong", index_type: str = "FLAT", flush_writes: bool = True) -> ItemIndex:
+                    consistency: str = "Strong", index_type: str = "FLAT", flush_writes: bool = True,
+                    timeout_s: float = 30.0) -> ItemIndex:
     """The item index at ``uri`` for vectors of ``dim`` dimensions."""
     if uri.startswith("memory://"):
         return MemoryItemIndex(dim)
@@ -109,7 +110,7 @@ def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", tok
         from streams.stores.milvus_items import MilvusItemIndex
 
         return MilvusItemIndex(uri, dim, collection, token=token, consistency=consistency, index_type=index_type,
-                               flush_writes=flush_writes)
+                               flush_writes=flush_writes, timeout_s=timeout_s)
     raise ValueError(f"no item index for URI {uri!r} (use http(s)://host:port, a .db file, or memory://)")
 
 

@@ -189,14 +189,17 @@ def decayed_weight(timestamp: float, reference: float, halflife_s: float, weight
 
 
 def open_profile_store(url: str, key_prefix: str = "streamrec", *, dedupe_window: int = 10_000,
-                       popularity_halflife_s: float = 6 * 3600.0, cooccur_keep: int = 200) -> ProfileStore:
-    """The profile store for ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``memory://``)."""
+                       popularity_halflife_s: float = 6 * 3600.0, cooccur_keep: int = 200,
+                       redis_options: Optional[dict] = None) -> ProfileStore:
+    """The profile store for ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``memory://``);
+    ``redis_options`` are further redis-py arguments (credentials, TLS files)."""
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("redis", "rediss", "unix"):
         from streams.stores.redis_profiles import RedisProfileStore
 
         return RedisProfileStore(url, key_prefix, dedupe_window=dedupe_window,
-                                 popularity_halflife_s=popularity_halflife_s, cooccur_keep=cooccur_keep)
+                                 popularity_halflife_s=popularity_halflife_s, cooccur_keep=cooccur_keep,
+                                 options=redis_options)
     if scheme == "memory":
         from streams.stores.memory_profiles import MemoryProfileStore
 

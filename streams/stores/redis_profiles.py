@@ -99,10 +99,12 @@ return 1
 
 
 class RedisProfileStore(ProfileStore):
-    """Profiles in Redis (``redis://``, ``rediss://`` for TLS, ``unix://``); credentials in the URL."""
+    """Profiles in Redis (``redis://``, ``rediss://`` for TLS, ``unix://``); credentials in the URL
+    or in ``options`` (redis-py arguments: ``username``, ``password``, ``ssl_ca_certs`` ...)."""
 
     def __init__(self, url: str, key_prefix: str, *, dedupe_window: int = 10_000,
-                 popularity_halflife_s: float = 6 * 3600.0, cooccur_keep: int = 200) -> None:
+                 popularity_halflife_s: float = 6 * 3600.0, cooccur_keep: int = 200,
+                 options: Optional[dict] = None) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
@@ -113,7 +115,7 @@ class RedisProfileStore(ProfileStore):
         self.halflife = popularity_halflife_s
         self.cooccur_keep = cooccur_keep
         self.redis = aioredis.from_url(url, decode_responses=False, socket_timeout=30,
-                                       retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 5))
+                                       retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 5), **(options or {}))
         self._commit = self.redis.register_script(_COMMIT)
         self._bump = self.redis.register_script(_BUMP)
         self._co = self.redis.register_script(_CO)

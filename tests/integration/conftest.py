@@ -26,6 +26,8 @@ from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat
 from workers.settings import Settings
 from workers.stack import Stack
 
+from .reliability import ReliabilityReport, report_dir
+
 CATALOG = demo_data.build_catalog(160)  # 20 items in each of 8 categories
 BY_ID = {it["item_id"]: it for it in CATALOG}
 
@@ -84,14 +86,27 @@ def embedded(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def apache_kafka(tmp_path_factory):
+def reliability():
+    """The session's reliability figures, written to ``STREAMREC_REPORT_DIR`` (default
+    ``reports/``) when the session ends."""
+    report = ReliabilityReport()
+    yield report
+    path = report.write(report_dir())
+    if path is not None:
+        print(f"\nreliability report: {path}\n{report.text()}")
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(tmp_path_factory, reliability):
     """Apache Kafka, started once per session; skipped (with what is missing) without Java 17+,
     or without Maven while its jars are not cached."""
     broker = ApacheKafka(tmp_path_factory.mktemp("apache-kafka"))
     try:
         broker.check()
     except KafkaUnavailable as exc:
-        pytest.skip(f"Apache Kafka {broker.version} not started: {exc}")
+        reason = f"Apache Kafka {broker.version} not started: {exc}"
+        reliability.skipped(f"apache-kafka {broker.version}", reason)
+        pytest.skip(reason)
     with broker:
         yield broker
 
@@ -112,15 +127,18 @@ class Harness:
 
     def __init__(self, stack: Stack | BrokerStack, tmp: Path, **overrides) -> None:
         run = uuid.uuid4().hex[:10]
-        self.settings = Settings(
-            kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url, milvus_uri=stack.milvus_uri,
-            app_id=f"t-{run}", key_prefix=f"t-{run}", milvus_collection=f"t_{run}",
-            topic_events=f"t-{run}.events", topic_catalog=f"t-{run}.catalog", topic_requests=f"t-{run}.requests",
-            topic_recommendations=f"t-{run}.recs", topic_deadletter=f"t-{run}.dlq",
-            kafka_rebalance_timeout_s=3.0, kafka_session_timeout_s=10.0, data_dir=str(tmp / "data"), **overrides)
+        self.tmp = tmp
+        self.broker = stack.versions.get("broker", "?")
+        self.settings = Settings(**{
+            "kafka_bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url, "milvus_uri": stack.milvus_uri,
+            "app_id": f"t-{run}", "key_prefix": f"t-{run}", "milvus_collection": f"t_{run}",
+            "topic_events": f"t-{run}.events", "topic_catalog": f"t-{run}.catalog",
+            "topic_requests": f"t-{run}.requests", "topic_recommendations": f"t-{run}.recs",
+            "topic_deadletter": f"t-{run}.dlq", "kafka_rebalance_timeout_s": 3.0, "kafka_session_timeout_s": 10.0,
+            "data_dir": str(tmp / "data"), **overrides})
         self.log = KafkaEventLog(stack.kafka_bootstrap)
         self.log.ensure_topics(all_topics(self.settings), self.settings.topic_partitions)
-        self.redis = redis.Redis.from_url(stack.redis_url)
+        self.redis = redis.Redis.from_url(self.settings.redis_url)
         self.worker = WorkerProcess(self.settings, tmp / "worker.log").start()
         self._n = 0
         self._items = 0

@@ -181,3 +181,24 @@ def test_item_index_contract(index):
     excl = index.search(np.stack([q / np.linalg.norm(q), unit(5)]), 3, exclude={"i4", "i5", 'say "hi"'})
     assert all(len(row) == 3 and not {"i4", "i5"} & {h.item_id for h in row} for row in excl)
     assert [h.item_id for h in excl[0]][:2] == ["i6", "i7"]
+
+
+@pytest.mark.integration
+def test_milvus_index_loads_a_released_collection_again(stack):
+    """A restarted Milvus holds collections released: reads load them again instead of failing
+    forever (found by the Milvus outage test)."""
+    from streams.stores.milvus_items import milvus_client
+
+    name = f"c_{uuid.uuid4().hex[:8]}"
+    ix = open_item_index(stack.milvus_uri, DIM, name)
+    other = milvus_client(stack.milvus_uri)
+    try:
+        ix.upsert([ItemRow(f"i{n}", unit(n), f"T{n}", "a", (), True, float(n)) for n in range(4)])
+        for read in (lambda: ix.search(np.stack([unit(1)]), 1)[0][0].item_id, lambda: sorted(ix.get(["i1"])),
+                     lambda: ix.count()):
+            other.release_collection(name)
+            assert str(other.get_load_state(name)["state"]) == "NotLoad"
+            assert read() in ("i1", ["i1"], 4)
+    finally:
+        other.close()
+        ix.close()

@@ -384,6 +384,13 @@ def test_control_characters_are_fine_in_text():
     assert parse_event(encode({**QUERY, "text": "line one\nline two\t!"}), LIMITS, NOW).text == "line one\nline two\t!"
 
 
+@pytest.mark.parametrize("value", ["a\x00b", "bell\x07", "esc \x1b[31m red", "del\x7f"])
+@pytest.mark.parametrize("parser, base, field", [(parse_event, QUERY, "text"), (parse_catalog, ITEM, "title"),
+                                                 (parse_catalog, ITEM, "description")])
+def test_other_control_characters_in_text_are_invalid(parser, base, field, value):
+    expect_invalid(parser, encode({**base, field: value}), "bad_value", f"{base['type']}.{field}", "control characters")
+
+
 @pytest.mark.parametrize("value", ["", " ", "\t\n"])
 @pytest.mark.parametrize("parser, base, field", [
     (parse_event, CLICK, "user_id"), (parse_event, CLICK, "item_id"), (parse_event, CLICK, "event_id"),
@@ -496,7 +503,8 @@ def test_empty_scene_is_invalid(parser, base):
 # -- (d) property tests ---------------------------------------------------------------------------
 
 _ID_ALPHABET = st.characters(blacklist_categories=("Cs",), blacklist_characters=[chr(i) for i in range(32)] + ["\x7f"])
-_TEXT_ALPHABET = st.characters(blacklist_categories=("Cs",))
+_TEXT_ALPHABET = st.characters(blacklist_categories=("Cs",),
+                               blacklist_characters=[chr(i) for i in range(32) if chr(i) not in "\t\n\r"] + ["\x7f"])
 ids = st.text(_ID_ALPHABET, min_size=1, max_size=40).filter(lambda s: s.strip())
 texts = st.text(_TEXT_ALPHABET, min_size=1, max_size=80).filter(lambda s: s.strip())
 any_texts = st.text(_TEXT_ALPHABET, max_size=30)

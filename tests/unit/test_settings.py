@@ -26,3 +26,42 @@ def test_mask_url():
     assert mask_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert mask_url("redis://user@h:1") == "redis://user@h:1"
     assert mask_url("redis://h:1") == "redis://h:1"
+
+
+def test_limits_are_settings_and_the_pipeline_enforces_them_with_reasons(monkeypatch):
+    """STREAMREC_MAX_* set the limits; each rejection names the field, the size and the limit."""
+    import asyncio
+
+    from schemas import Limits
+    from streams.pipeline import ItemCache, Pipeline, RawMessage
+    from streams.stores import open_item_index, open_profile_store
+    from tests.unit.test_pipeline import CATALOG, WordHashEncoder
+
+    for name, value in {"MAX_TEXT_CHARS": "20", "MAX_LIST_ITEMS": "2", "MAX_K": "5", "MAX_ID_CHARS": "8",
+                        "MAX_MESSAGE_BYTES": "600"}.items():
+        monkeypatch.setenv(f"STREAMREC_{name}", value)
+    limits = Limits.from_settings(Settings())
+    assert limits == Limits(max_message_bytes=600, max_text_chars=20, max_id_chars=8, max_list_items=2, max_k=5)
+    enc = WordHashEncoder()
+    p = Pipeline(open_profile_store("memory://"), open_item_index("memory://", enc.dim), enc, Settings().model,
+                 limits, k=5, item_cache=ItemCache(10, 60.0), clock=lambda: 2_000_000_000.0)
+    asyncio.run(p.process_catalog([RawMessage("c", 0, 0, None, json.dumps({**CATALOG[0], "item_id": "i1"}).encode())]))
+    base = {"user_id": "u1", "timestamp": 1.0}
+    cases = [
+        ("events", {"type": "query", "event_id": "e1", **base, "text": "x" * 21}, "query.text has 21 characters, limit 20"),
+        ("events", {"type": "query", "event_id": "e2", **base, "text": "y" * 700}, "message is 7"),
+        ("events", {"type": "click", "event_id": "e3-too-long", **base, "item_id": "i1"},
+         "click.event_id has 11 characters, limit 8"),
+        ("requests", {"type": "request", "request_id": "r1", **base, "k": 6}, "k must be within 1..5, got 6"),
+        ("requests", {"type": "request", "request_id": "r2", **base, "exclude": ["a", "b", "c"]},
+         "request.exclude has 3 entries, limit 2"),
+    ]
+    for topic, msg, reason in cases:
+        raw = [RawMessage(topic, 0, 1, None, json.dumps(msg).encode())]
+        out = asyncio.run(p.process_events(raw) if topic == "events" else p.process_requests(raw))
+        assert not out.recommendations and len(out.dead_letters) == 1
+        letter = json.loads(out.dead_letters[0][1])
+        assert reason in letter["reason"], (letter, reason)
+    ok = asyncio.run(p.process_requests([RawMessage("requests", 0, 2, None, json.dumps(
+        {"type": "request", "request_id": "r3", **base, "k": 5, "exclude": ["a", "b"]}).encode())]))
+    assert len(ok.recommendations) == 1 and not ok.dead_letters

@@ -1,0 +1,282 @@
+"""Nothing lost, nothing applied twice: a worker killed mid-stream, workers joining and leaving a
+group, Redis crashing and Milvus going away, each on every broker under test. Each scenario audits
+every event (applied exactly once to its user's profile, at least one list on the output topic)
+and adds its figures to the session's reliability report."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from schemas import Limits
+from tests.hostile import hostile
+from workers.runner import WorkerProcess
+
+from .conftest import CATALOG, Harness, items_of
+from .reliability import (DurableRedis, MilvusServer, Stream, applications, audit, count_answers, crashes_in,
+                          wait_members)
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.slow]
+
+CATEGORIES = sorted({it["category"] for it in CATALOG})
+QUERIES = ["space adventure", "quiet piano music", "spicy street food", "mountain hiking gear",
+           "vintage cameras", "football highlights", "baking bread", "jazz standards"]
+
+
+def make_stream(rng: random.Random, n_events: int, n_users: int, tag: str) -> list[dict]:
+    """Clicks (80%) within each user's two favourite categories, and queries, in a fixed order."""
+    favourite = {f"{tag}-u{u:02d}": rng.sample(CATEGORIES, 2) for u in range(n_users)}
+    users = list(favourite)
+    events = []
+    for i in range(n_events):
+        u = rng.choice(users)
+        base = {"event_id": f"{tag}-{i:05d}", "user_id": u, "timestamp": time.time()}
+        if rng.random() < 0.8:
+            events.append({"type": "click", **base, "item_id": rng.choice(items_of(rng.choice(favourite[u])))})
+        else:
+            events.append({"type": "query", **base, "text": rng.choice(QUERIES)})
+    return events
+
+
+def seed_for(name: str) -> int:
+    """The run's random seed: ``STREAMREC_TEST_SEED`` to repeat a run, else a fresh one (reported)."""
+    return int(os.environ.get("STREAMREC_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+
+def finish(h: Harness, events: list[dict], workers: list[WorkerProcess], timeout_s: float = 180) -> dict:
+    """Wait for a list of every event, then audit."""
+    alive = lambda: any(w.alive() for w in workers)  # noqa: E731
+    answers = count_answers(h.log, h.settings.topic_recommendations, {e["event_id"] for e in events},
+                            timeout_s, alive)
+    return audit(h.redis, h.prefix, events, answers)
+
+
+def assert_exactly_once(fig: dict) -> None:
+    assert fig["lost"] == 0, fig
+    assert fig["applied_twice"] == 0, fig
+    assert fig["applied_unsent"] == 0, fig
+    assert fig["applied_once"] == fig["events_sent"], fig
+    assert fig["unanswered"] == 0, fig
+    assert fig["crashes"] == 0, fig
+
+
+def test_kill9_worker_mid_stream(stack, tmp_path, reliability):
+    """SIGKILL the worker at 5 random points of one stream, restarting it each time."""
+    seed = seed_for("kill")
+    rng = random.Random(seed)
+    # small batches: many commits per second, so kills land between a commit and its ack
+    h = Harness(stack, tmp_path, batch_max=16)
+    try:
+        h.catalog(CATALOG)
+        events = make_stream(rng, 600, 24, "k")
+        users = {e["user_id"] for e in events}
+        kill_at = sorted(rng.sample(range(40, len(events) - 40), 5))
+        workers = [h.worker]
+
+        def kill_and_restart() -> None:
+            h.worker.kill()
+            h.worker = WorkerProcess(h.settings, tmp_path / "worker.log").start()
+            workers.append(h.worker)
+
+        def check() -> None:
+            if not h.worker.alive():
+                raise RuntimeError(f"worker exited:\n{h.worker.log_tail()}")
+
+        stream = Stream(h.log, h.settings.topic_events, events, lambda: applications(h.redis, h.prefix, users),
+                        hooks=[(k, kill_and_restart) for k in kill_at])
+        stream.run(timeout_s=400, check=check)
+        fig = finish(h, events, workers)
+        stats = h.stats()
+        fig.update(kills=len(kill_at), kill_points=kill_at, seed=seed,
+                   redelivered=stats.get("duplicates", 0),
+                   crashes=crashes_in(h.worker.log_path.read_text(errors="replace")))
+        reliability.add(h.broker, "kill -9 worker x5", fig)
+        assert_exactly_once(fig)
+        assert len(workers) == 6
+    finally:
+        h.close()
+
+
+def test_two_workers_one_leaves_and_returns(stack, tmp_path, reliability):
+    """Two workers share 6 partitions; one stops and comes back (2 -> 1 -> 2) mid-stream."""
+    seed = seed_for("rebalance")
+    rng = random.Random(seed)
+    h = Harness(stack, tmp_path, topic_partitions=6, kafka_rebalance_timeout_s=10.0)
+    second = WorkerProcess(h.settings, tmp_path / "worker-2.log").start()
+    workers = [h.worker, second]
+    try:
+        h.catalog(CATALOG)
+        events = make_stream(rng, 600, 24, "r")
+        users = {e["user_id"] for e in events}
+        members = lambda n: wait_members(stack.kafka_bootstrap, h.settings.app_id,  # noqa: E731
+                                         h.settings.topic_events, n)
+        # partitions of the events topic per member, in each phase (where the broker can tell)
+        phases = {"2 workers": members(2)}
+
+        def leave() -> None:
+            workers[1].stop()
+            phases["1 worker"] = members(1)
+
+        def come_back() -> None:
+            workers[1] = WorkerProcess(h.settings, tmp_path / "worker-2.log").start()
+            phases["2 workers again"] = members(2)
+
+        def check() -> None:
+            if not h.worker.alive():
+                raise RuntimeError(f"worker exited:\n{h.worker.log_tail()}")
+
+        stream = Stream(h.log, h.settings.topic_events, events, lambda: applications(h.redis, h.prefix, users),
+                        hooks=[(200, leave), (400, come_back)])
+        stream.run(timeout_s=400, check=check)
+        fig = finish(h, events, workers)
+        logs = h.worker.log_path.read_text(errors="replace") + (tmp_path / "worker-2.log").read_text(errors="replace")
+        fig.update(rebalances=2, partitions=6, partitions_per_member=phases, seed=seed, crashes=crashes_in(logs),
+                   redelivered=h.stats().get("duplicates", 0))
+        reliability.add(h.broker, "2 -> 1 -> 2 workers", fig)
+        assert_exactly_once(fig)
+        assert all(w.alive() for w in workers)
+    finally:
+        for w in workers:
+            w.stop()
+        h.close()
+
+
+def test_redis_crash_and_milvus_outage(stack, tmp_path, reliability):
+    """Redis is killed and restarted mid-stream, later Milvus is stopped for a while: the worker
+    retries with backoff, acks nothing it has not applied, and catches up."""
+    seed = seed_for("outage")
+    rng = random.Random(seed)
+    with DurableRedis(tmp_path / "redis") as r, MilvusServer(tmp_path / "milvus") as m:
+        # short Milvus calls and item cache: the outage shows within seconds
+        h = Harness(stack, tmp_path, redis_url=r.url, milvus_uri=m.uri, item_cache_ttl_s=1.0, milvus_timeout_s=5.0)
+        try:
+            h.catalog(CATALOG)
+            events = make_stream(rng, 600, 24, "o")
+            users = {e["user_id"] for e in events}
+            outages: list[dict] = []
+
+            def retries() -> int:
+                return len(re.findall(r"failed \(.*\); retry", h.worker.log_path.read_text(errors="replace")))
+
+            def outage(server, what: str, restart) -> None:
+                before = retries()
+                t0 = time.monotonic()
+                server.down()
+                # wait until the worker has met the outage (its retry warnings), then bring it back
+                deadline = time.monotonic() + 120
+                while retries() < before + 5:
+                    assert time.monotonic() < deadline, f"the worker never retried during the {what} outage"
+                    assert h.worker.alive(), h.worker.log_tail()
+                    time.sleep(0.1)  # polling the worker's log, under the deadline above
+                restart()
+                outages.append({"service": what, "down_s": round(time.monotonic() - t0, 2),
+                                "retries": retries() - before})
+
+            def redis_crash() -> None:
+                h.redis.close()
+                outage(r, "redis (SIGKILL)", r.start)
+
+            def milvus_outage() -> None:
+                outage(m, "milvus (SIGKILL)", m.start)
+
+            def check() -> None:
+                if not h.worker.alive():
+                    raise RuntimeError(f"worker exited:\n{h.worker.log_tail()}")
+
+            stream = Stream(h.log, h.settings.topic_events, events,
+                            lambda: applications(h.redis, h.prefix, users),
+                            hooks=[(200, redis_crash), (400, milvus_outage)])
+            stream.run(timeout_s=400, check=check)
+            fig = finish(h, events, [h.worker])
+            fig.update(outages=len(outages), outage_detail=outages, seed=seed,
+                       crashes=crashes_in(h.worker.log_path.read_text(errors="replace")),
+                       worker_restarts=0)
+            reliability.add(h.broker, "redis crash + milvus outage", fig)
+            assert_exactly_once(fig)
+            assert len(outages) == 2
+        finally:
+            h.close()
+
+
+def test_hostile_input_is_dead_lettered(stack, tmp_path, reliability):
+    """Hypothesis makes malformed and hostile messages for all three input topics (see
+    ``tests/hostile.py``); with them go valid clicks and requests of users never seen before.
+    Every hostile message lands in the dead-letter topic with its reason and its exact bytes, every
+    valid one is answered, and the worker never dies."""
+    target = int(os.environ.get("STREAMREC_TEST_BAD_INPUTS") or 10_000)
+    per_example = 25
+    h = Harness(stack, tmp_path)
+    try:
+        h.catalog(CATALOG)
+        topics = {"events": h.settings.topic_events, "catalog": h.settings.topic_catalog,
+                  "requests": h.settings.topic_requests}
+        limits = Limits.from_settings(h.settings)
+        item_ids = tuple(it["item_id"] for it in CATALOG)
+        producer = h.log.producer()
+        sent: list[tuple] = []  # (future, Hostile)
+        valid: list[dict] = []
+
+        @settings(max_examples=target // per_example, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(batch=st.lists(hostile(limits, time.time(), item_ids), min_size=per_example, max_size=per_example),
+               at=st.integers(0, per_example), item=st.sampled_from(item_ids))
+        def feed(batch, at, item):
+            n = len(valid)
+            good = [h.click(f"new-user-{n}", item), h.request(f"new-user-{n + 1}", k=5)]
+            for m in batch[:at]:
+                sent.append((producer.send(topics[m.topic], key=m.key, value=m.value), m))
+            h.send(good)
+            for m in batch[at:]:
+                sent.append((producer.send(topics[m.topic], key=m.key, value=m.value), m))
+            valid.extend(good)
+            assert h.worker.alive(), h.worker.log_tail()
+
+        feed()
+        producer.flush()
+        where = {}
+        for fut, m in sent:
+            md = fut.get(timeout=60)
+            where[(md.topic, md.partition, md.offset)] = m
+        want_ids = {e.get("event_id") or e["request_id"] for e in valid}
+        dead: dict[tuple, dict] = {}
+        answered: set[str] = set()
+        deadline = time.monotonic() + 600
+        for batch in h.log.tail([h.settings.topic_deadletter, h.settings.topic_recommendations],
+                                timeout_s=600):
+            for rec in batch:
+                msg = json.loads(rec.value)
+                if rec.topic == h.settings.topic_deadletter:
+                    dead.setdefault((msg["source_topic"], msg["partition"], msg["offset"]), msg)
+                else:
+                    answered.add(msg["trigger_event_id"])
+            if (len(dead) >= len(where) and want_ids <= answered) or not h.worker.alive() \
+                    or time.monotonic() > deadline:
+                break
+        lettered = [k for k in where if k in dead]
+        exact = sum(base64.b64decode(dead[k]["value_b64"]) == (where[k].value or b"") and bool(dead[k]["reason"])
+                    for k in lettered)
+        faults = Counter(m.fault for m in where.values())
+        errors = Counter(dead[k]["error"] for k in lettered)
+        fig = {"bad_inputs_tried": len(where), "dead_lettered": len(lettered), "dead_lettered_exact": exact,
+               "dead_letters_for_valid_input": len(set(dead) - set(where)),
+               "valid_sent": len(valid), "valid_answered": len(want_ids & answered),
+               "crashes": crashes_in(h.worker.log_path.read_text(errors="replace")) + (not h.worker.alive()),
+               "faults": dict(sorted(faults.items())), "errors": dict(sorted(errors.items()))}
+        reliability.add(h.broker, "hostile input (hypothesis)", fig)
+        assert fig["bad_inputs_tried"] >= target, fig
+        assert fig["dead_lettered"] == fig["bad_inputs_tried"] == fig["dead_lettered_exact"], fig
+        assert fig["dead_letters_for_valid_input"] == 0, fig
+        assert fig["valid_answered"] == fig["valid_sent"], fig
+        assert fig["crashes"] == 0, fig
+        assert h.worker.alive()
+    finally:
+        h.close()
