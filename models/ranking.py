@@ -21,6 +21,7 @@ class Candidate:
     title: str = ""
     category: str = ""
     scenes: Sequence[str] = field(default_factory=tuple)
+    available: bool = True
 
 
 @dataclass

@@ -280,12 +280,14 @@ class Pipeline:
             elif isinstance(e, Click):
                 it = items[e.item_id]
                 earlier = [h["item_id"] for h in profile.history if h["type"] == "click"][-p.cooccur_window:]
-                coclicks.append(CoClick(it.item_id, earlier))
+                if it.available:  # an unavailable item gains no popularity and no co-clicks
+                    coclicks.append(CoClick(it.item_id, earlier))
                 apply_click(profile, it.item_id, it.vector, it.title, it.category, e.scene,
                             click_strength(e.weight, e.dwell_s, p), e.event_id, e.timestamp, p)
                 if it.item_id not in base_seen:
                     added.append(it.item_id)
-                pops.append(PopularityUpdate(it.item_id, e.scene, e.timestamp, e.weight))
+                if it.available:
+                    pops.append(PopularityUpdate(it.item_id, e.scene, e.timestamp, e.weight))
                 applied_ids.append(e.event_id)
             else:
                 apply_query(profile, e.text, query_vectors[e.event_id], e.scene, e.event_id, e.timestamp, p)
@@ -394,7 +396,7 @@ class Pipeline:
         if late:
             known = await self.fetch_items([c for ids in late.values() for c in ids])
             for i, ids in late.items():
-                rows = [known[c] for c in ids if c in known and known[c].vector is not None
+                rows = [known[c] for c in ids if c in known and known[c].vector is not None and known[c].available
                         and (not answers[i].only_categories or known[c].category in answers[i].only_categories)]
                 if rows:
                     # exactly the search over everything unseen at this list: the best ``limit`` of
@@ -485,7 +487,8 @@ class Pipeline:
             a = answers[i]
             cooccur_with[i] = {y: known[x].title or x for y, x in cooccur_with[i].items() if x in known}
             results[i] = results.get(i, []) + [Candidate(y, float(np.dot(a.vector, known[y].vector)), *_attrs(known[y]))
-                                               for y in ys if y in known and known[y].vector is not None]
+                                               for y in ys if y in known and known[y].vector is not None
+                                               and known[y].available]
 
     async def _popular_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], dict[str, float]]:
         """The ``n`` most popular items (with vectors, similarity = popularity) and each one's
@@ -495,9 +498,10 @@ class Pipeline:
         return await self._pool(popular), {i: s / top for i, s in popular}
 
     async def _pool(self, rows: list[tuple[str, float]]) -> list[Candidate]:
-        """Candidates with vectors and attributes for (item id, score) rows; unknown items dropped."""
+        """Candidates with vectors and attributes for (item id, score) rows; unknown and unavailable
+        items dropped."""
         meta = await self.fetch_items([i for i, _ in rows])
-        return [Candidate(i, s, *_attrs(meta[i])) for i, s in rows if i in meta]
+        return [Candidate(i, s, *_attrs(meta[i])) for i, s in rows if i in meta and meta[i].available]
 
     def dead_letter(self, m: RawMessage, error: str, reason: str) -> tuple[Optional[bytes], bytes]:
         """A dead-letter message for ``m``, keyed like the original."""

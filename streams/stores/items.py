@@ -97,7 +97,7 @@ class MemoryItemIndex(ItemIndex):
 
 
 def _candidate(r: ItemRow, similarity: float) -> Candidate:
-    return Candidate(r.item_id, similarity, r.vector, r.title, r.category, tuple(r.scenes))
+    return Candidate(r.item_id, similarity, r.vector, r.title, r.category, tuple(r.scenes), r.available)
 
 
 def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", token: str = "",

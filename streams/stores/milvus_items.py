@@ -12,7 +12,7 @@ from models.ranking import Candidate
 from streams.stores.items import ItemIndex, ItemRow
 
 T = TypeVar("T")
-_OUT = ["title", "category", "scenes", "vector"]
+_OUT = ["title", "category", "scenes", "vector", "available"]
 MAX_SCENES = 64
 # pymilvus pings every 10 s even on idle connections; gRPC servers with default policies (the
 # Milvus Lite server among them) answer an idle connection's pings with GOAWAY "too_many_pings",
@@ -142,4 +142,4 @@ def _not_loaded(exc: BaseException) -> bool:
 
 def _candidate(item_id: str, similarity: float, e: dict) -> Candidate:
     return Candidate(item_id, similarity, np.asarray(e["vector"], dtype=np.float32), e.get("title", ""),
-                     e.get("category", ""), tuple(e.get("scenes") or ()))
+                     e.get("category", ""), tuple(e.get("scenes") or ()), bool(e.get("available", True)))

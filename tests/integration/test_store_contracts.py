@@ -171,6 +171,7 @@ def test_item_index_contract(index):
     hits = index.search(np.stack([unit(1), unit(3)]), 3)
     assert hits[0][0].item_id == "i1" and hits[0][0].similarity == pytest.approx(1.0, abs=1e-5)
     assert "i3" not in [h.item_id for h in hits[1]]  # unavailable items are never returned
+    assert index.get(["i3"])["i3"].available is False and got["i1"].available is True
     index.upsert([ItemRow("i1", unit(2), "T1b", "a", (), True, 9.0)])  # replace
     assert index.get(["i1"])["i1"].title == "T1b" and index.count() == 8
     index.delete(["i2", "nope"])

@@ -275,3 +275,24 @@ def test_items_clicked_together_by_others_are_recommended_with_that_reason():
     asyncio.run(off.process_catalog(msgs(CATALOG, "catalog")))
     asyncio.run(off.process_events(msgs(history)))
     assert cooking not in [i["item_id"] for i in recs(asyncio.run(off.process_events(msgs([click("u1", "u", jazz)]))))[0]["items"]]
+
+
+def test_unavailable_items_are_never_recommended_however_popular_or_co_clicked():
+    """An item made unavailable leaves the popular and co-click candidates, and clicks on it
+    afterwards (it is still in the catalog) bring it back into neither."""
+    p = make_pipeline()
+    asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+    jazz, cooking = items_of("jazz")[0], items_of("cooking")[3]
+    history = [click(f"o{n}-{i}", f"other{n}", item) for n in range(6) for i, item in enumerate([jazz, cooking])]
+    asyncio.run(p.process_events(msgs(history)))
+    before = recs(asyncio.run(p.process_events(msgs([click("a1", "a", jazz)]))))[0]
+    assert cooking in [i["item_id"] for i in before["items"]]  # co-clicked and popular
+    gone = next(it for it in CATALOG if it["item_id"] == cooking)
+    asyncio.run(p.process_catalog(msgs([{**gone, "available": False, "timestamp": 2.0}], "catalog")))
+    later = [click(f"l{n}-{i}", f"late{n}", item) for n in range(6) for i, item in enumerate([jazz, cooking])]
+    out = asyncio.run(p.process_events(msgs(later + [click("b1", "b", jazz), {
+        "type": "query", "event_id": "b2", "user_id": "b", "text": gone["title"], "timestamp": 1000.0}])))
+    assert len(out.recommendations) == len(later) + 2 and not out.dead_letters  # clicks on it still apply
+    lists = recs(out) + recs(asyncio.run(p.process_events(msgs([click("c1", "c", jazz)]))))
+    assert all(cooking not in [i["item_id"] for i in r["items"]] for r in lists)
+    assert cooking not in dict(asyncio.run(p.profiles.popular(None, 100)))
