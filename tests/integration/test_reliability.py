@@ -52,6 +52,14 @@ def seed_for(name: str) -> int:
     return int(os.environ.get("STREAMREC_TEST_SEED") or random.SystemRandom().randrange(2**31))
 
 
+def spaced_points(rng: random.Random, lo: int, hi: int, n: int, gap: int) -> list[int]:
+    """``n`` random points in ``[lo, hi)``, sorted, at least ``gap`` apart: a worker restarted
+    after one kill has applied events of its own before the next (the kill lands on a worker at
+    work, not one still starting)."""
+    free = hi - lo - (n - 1) * gap
+    return [lo + x + i * gap for i, x in enumerate(sorted(rng.sample(range(free), n)))]
+
+
 def finish(h: Harness, events: list[dict], workers: list[WorkerProcess], timeout_s: float = 180) -> dict:
     """Wait for a list of every event, then audit."""
     alive = lambda: any(w.alive() for w in workers)  # noqa: E731
@@ -79,11 +87,13 @@ def test_kill9_worker_mid_stream(stack, tmp_path, reliability):
         h.catalog(CATALOG)
         events = make_stream(rng, 600, 24, "k")
         users = {e["user_id"] for e in events}
-        kill_at = sorted(rng.sample(range(40, len(events) - 40), 5))
+        kill_at = spaced_points(rng, 40, len(events) - 40, 5, gap=48)
         workers = [h.worker]
+        applied_at_kill: list[int] = []
 
         def kill_and_restart() -> None:
             h.worker.kill()
+            applied_at_kill.append(applications(h.redis, h.prefix, users))
             h.worker = WorkerProcess(h.settings, tmp_path / "worker.log").start()
             workers.append(h.worker)
 
@@ -96,7 +106,7 @@ def test_kill9_worker_mid_stream(stack, tmp_path, reliability):
         stream.run(timeout_s=400, check=check)
         fig = finish(h, events, workers)
         stats = h.stats()
-        fig.update(kills=len(kill_at), kill_points=kill_at, seed=seed,
+        fig.update(kills=len(kill_at), kill_points=kill_at, applied_at_kill=applied_at_kill, seed=seed,
                    redelivered=stats.get("duplicates", 0),
                    crashes=crashes_in(h.worker.log_path.read_text(errors="replace")))
         reliability.add(h.broker, "kill -9 worker x5", fig)
