@@ -146,23 +146,23 @@ def crashes_in(log_text: str) -> int:
 
 @dataclass
 class Stream:
-    """Publishes ``events`` in chunks, keeping at most ``window`` unapplied, and runs ``hooks``
-    (progress threshold -> action) as progress passes them. Progress is the number of
-    applications Redis has recorded, read through ``progress``."""
+    """Publishes ``events`` to the harness's events topic in chunks, keeping at most ``window``
+    unapplied, and runs ``hooks`` (progress threshold -> action) as progress passes them.
+    Progress is the number of applications Redis has recorded for the events' users."""
 
-    log: object
-    topic: str
+    h: object  # a tests.integration.conftest.Harness; its worker may be replaced by a hook
     events: list[dict]
-    progress: Callable[[], int]
+    hooks: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
     window: int = 96
     chunk: int = 16
-    hooks: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
 
-    def run(self, timeout_s: float, check: Callable[[], None]) -> None:
+    def progress(self) -> int:
+        return applications(self.h.redis, self.h.prefix, {e["user_id"] for e in self.events})
+
+    def run(self, timeout_s: float = 400) -> None:
         hooks = sorted(self.hooks, key=lambda h: h[0])
         sent = 0
         deadline = time.monotonic() + timeout_s
-        delay = 0.02
         while True:
             done = self.progress()
             while hooks and done >= hooks[0][0]:
@@ -172,16 +172,18 @@ class Stream:
                 return
             if sent < len(self.events) and sent - done < self.window:
                 part = self.events[sent:sent + self.chunk]
-                self.log.publish(self.topic, [(*encode_line(e), None) for e in part])
+                self.h.log.publish(self.h.settings.topic_events, [(*encode_line(e), None) for e in part])
                 sent += len(part)
-                delay = 0.02
                 continue
-            check()
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError(f"{done} of {len(self.events)} events applied after {timeout_s:.0f} s "
                                    f"({len(hooks)} planned faults left)")
-            time.sleep(delay)  # polling Redis for progress, under the deadline above
-            delay = min(delay * 2, 0.2)
+            worker = self.h.worker
+            try:  # until the worker applies more; fails at once if it exits
+                wait_for(lambda done=done: self.progress() > done, "progress", min(left, 5.0), worker.proc, worker.log_path)
+            except TimeoutError:
+                pass  # no progress in 5 s: check hooks and the overall deadline again
 
 
 # -- private servers that a test may stop and start again ------------------------------------------
@@ -304,15 +306,16 @@ def group_assignment(bootstrap: str, group: str, topic: str) -> Optional[dict[st
 
 def wait_members(bootstrap: str, group: str, topic: str, n: int, timeout_s: float = 120) -> object:
     """Wait until the group is stable with ``n`` members, each owning partitions of ``topic``;
-    returns the partitions per member, or why the broker could not say."""
-    deadline = time.monotonic() + timeout_s
-    got = None
-    while time.monotonic() < deadline:
-        try:
-            got = group_assignment(bootstrap, group, topic)
-        except GroupsUndescribed as exc:
-            return f"not described by this broker ({exc})"
-        if got is not None and len(got) == n and all(got.values()):
-            return sorted(len(p) for p in got.values())
-        time.sleep(0.2)  # polling the group coordinator, under the deadline above
-    raise TimeoutError(f"group {group} not stable with {n} members after {timeout_s:.0f} s: {got}")
+    returns the partition counts per member, or why the broker could not say."""
+    try:
+        group_assignment(bootstrap, group, topic)
+    except GroupsUndescribed as exc:
+        return f"not described by this broker ({exc})"
+    got: dict = {}
+
+    def settled() -> bool:
+        got["now"] = group_assignment(bootstrap, group, topic)
+        return got["now"] is not None and len(got["now"]) == n and all(got["now"].values())
+
+    wait_for(settled, f"group {group} stable with {n} members", timeout_s)
+    return sorted(len(p) for p in got["now"].values())

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from schemas import Limits
 from tests.hostile import hostile
 from workers.runner import WorkerProcess
+from workers.stack import wait_for
 
 from .conftest import CATALOG, Harness, items_of
 from .reliability import (DurableRedis, MilvusServer, Stream, applications, audit, count_answers, crashes_in,
@@ -97,13 +98,8 @@ def test_kill9_worker_mid_stream(stack, tmp_path, reliability):
             h.worker = WorkerProcess(h.settings, tmp_path / "worker.log").start()
             workers.append(h.worker)
 
-        def check() -> None:
-            if not h.worker.alive():
-                raise RuntimeError(f"worker exited:\n{h.worker.log_tail()}")
 
-        stream = Stream(h.log, h.settings.topic_events, events, lambda: applications(h.redis, h.prefix, users),
-                        hooks=[(k, kill_and_restart) for k in kill_at])
-        stream.run(timeout_s=400, check=check)
+        Stream(h, events, hooks=[(k, kill_and_restart) for k in kill_at]).run()
         fig = finish(h, events, workers)
         stats = h.stats()
         fig.update(kills=len(kill_at), kill_points=kill_at, applied_at_kill=applied_at_kill, seed=seed,
@@ -126,7 +122,6 @@ def test_two_workers_one_leaves_and_returns(stack, tmp_path, reliability):
     try:
         h.catalog(CATALOG)
         events = make_stream(rng, 600, 24, "r")
-        users = {e["user_id"] for e in events}
         members = lambda n: wait_members(stack.kafka_bootstrap, h.settings.app_id,  # noqa: E731
                                          h.settings.topic_events, n)
         # partitions of the events topic per member, in each phase (where the broker can tell)
@@ -140,13 +135,8 @@ def test_two_workers_one_leaves_and_returns(stack, tmp_path, reliability):
             workers[1] = WorkerProcess(h.settings, tmp_path / "worker-2.log").start()
             phases["2 workers again"] = members(2)
 
-        def check() -> None:
-            if not h.worker.alive():
-                raise RuntimeError(f"worker exited:\n{h.worker.log_tail()}")
 
-        stream = Stream(h.log, h.settings.topic_events, events, lambda: applications(h.redis, h.prefix, users),
-                        hooks=[(200, leave), (400, come_back)])
-        stream.run(timeout_s=400, check=check)
+        Stream(h, events, hooks=[(200, leave), (400, come_back)]).run()
         fig = finish(h, events, workers)
         logs = h.worker.log_path.read_text(errors="replace") + (tmp_path / "worker-2.log").read_text(errors="replace")
         fig.update(rebalances=2, partitions=6, partitions_per_member=phases, seed=seed, crashes=crashes_in(logs),
@@ -171,7 +161,6 @@ def test_redis_crash_and_milvus_outage(stack, tmp_path, reliability):
         try:
             h.catalog(CATALOG)
             events = make_stream(rng, 600, 24, "o")
-            users = {e["user_id"] for e in events}
             outages: list[dict] = []
 
             def retries() -> int:
@@ -182,11 +171,8 @@ def test_redis_crash_and_milvus_outage(stack, tmp_path, reliability):
                 t0 = time.monotonic()
                 server.down()
                 # wait until the worker has met the outage (its retry warnings), then bring it back
-                deadline = time.monotonic() + 120
-                while retries() < before + tries:
-                    assert time.monotonic() < deadline, f"the worker never retried during the {what} outage"
-                    assert h.worker.alive(), h.worker.log_tail()
-                    time.sleep(0.1)  # polling the worker's log, under the deadline above
+                wait_for(lambda: retries() >= before + tries, f"{tries} worker retries during the {what} outage",
+                         120, h.worker.proc, h.worker.log_path)
                 restart()
                 outages.append({"service": what, "down_s": round(time.monotonic() - t0, 2),
                                 "retries": retries() - before})
@@ -198,14 +184,8 @@ def test_redis_crash_and_milvus_outage(stack, tmp_path, reliability):
             def milvus_outage() -> None:
                 outage(m, "milvus (SIGKILL)", m.start, 8)  # its calls fail fast: a longer outage
 
-            def check() -> None:
-                if not h.worker.alive():
-                    raise RuntimeError(f"worker exited:\n{h.worker.log_tail()}")
 
-            stream = Stream(h.log, h.settings.topic_events, events,
-                            lambda: applications(h.redis, h.prefix, users),
-                            hooks=[(200, redis_crash), (400, milvus_outage)])
-            stream.run(timeout_s=400, check=check)
+            Stream(h, events, hooks=[(200, redis_crash), (400, milvus_outage)]).run()
             fig = finish(h, events, [h.worker])
             fig.update(outages=len(outages), outage_detail=outages, seed=seed,
                        crashes=crashes_in(h.worker.log_path.read_text(errors="replace")),
