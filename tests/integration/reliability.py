@@ -165,16 +165,17 @@ class Stream:
         deadline = time.monotonic() + timeout_s
         while True:
             done = self.progress()
-            while hooks and done >= hooks[0][0]:
-                hooks.pop(0)[1]()
-                done = self.progress()
-            if sent >= len(self.events) and done >= len(self.events) and not hooks:
-                return
             if sent < len(self.events) and sent - done < self.window:
                 part = self.events[sent:sent + self.chunk]
                 self.h.log.publish(self.h.settings.topic_events, [(*encode_line(e), None) for e in part])
                 sent += len(part)
                 continue
+            # faults come with the window full: events are in flight when a server or worker goes
+            if hooks and done >= hooks[0][0]:
+                hooks.pop(0)[1]()
+                continue
+            if sent >= len(self.events) and done >= len(self.events) and not hooks:
+                return
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{done} of {len(self.events)} events applied after {timeout_s:.0f} s "
