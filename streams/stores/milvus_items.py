@@ -45,17 +45,29 @@ class MilvusItemIndex(ItemIndex):
         self._ensure()
 
     def _ensure(self) -> None:
+        """Create the collection, or check and load the one there."""
+        if self.client.has_collection(self.collection):
+            return self._check_and_load()
+        try:
+            self._create()
+        except Exception:  # noqa: BLE001 - re-raised unless the collection now exists
+            if not self.client.has_collection(self.collection):
+                raise
+            self._check_and_load()  # another worker starting at the same time created it first
+
+    def _check_and_load(self) -> None:
+        """Refuse a collection of another dimension (two encoders' vectors must never mix); load it."""
+        fields = {f["name"]: f for f in self.client.describe_collection(self.collection)["fields"]}
+        have = int(fields["vector"]["params"]["dim"])
+        if have != self.dim:
+            raise ValueError(f"collection {self.collection!r} holds {have}-dim vectors, the encoder makes "
+                             f"{self.dim}: use another collection for another encoder")
+        self.client.load_collection(self.collection, timeout=self.timeout)
+
+    def _create(self) -> None:
         from pymilvus import DataType, MilvusClient
 
         c = self.client
-        if c.has_collection(self.collection):
-            fields = {f["name"]: f for f in c.describe_collection(self.collection)["fields"]}
-            have = int(fields["vector"]["params"]["dim"])
-            if have != self.dim:
-                raise ValueError(f"collection {self.collection!r} holds {have}-dim vectors, the encoder makes "
-                                 f"{self.dim}: use another collection for another encoder")
-            c.load_collection(self.collection, timeout=self.timeout)
-            return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("item_id", DataType.VARCHAR, is_primary=True, max_length=512)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
