@@ -37,7 +37,11 @@ class ModelParams:
     cooccur_fanout: int = 50  # co-clicked items read per source
     diversity: float = 0.02  # penalty per item of the same category already in the list
     oversample: int = 2  # candidates fetched per slot in the list
-    history_size: int = 50
+    history_size: int = 20
+    max_scenes: int = 4  # scene vectors kept per user (the most recently used)
+    max_interests: int = 24  # category logits kept per user (the strongest)
+    text_keep: int = 100  # characters of a query kept in the history and its explanation
+    recent_events: int = 16  # event ids remembered per user beside the per-partition offsets
     explain_clicks: int = 5  # recent clicks kept (with vectors) for explanations
     explain_queries: int = 3
     reason_min_similarity: float = 0.35

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,7 +29,9 @@ class Profile:
     ``long``/``short`` are unit vectors in the encoder's space (``None`` before any event);
     ``scenes`` maps a scene to its own vector; ``intent`` is the last query, weighted by
     ``intent_strength``; ``interest`` holds decayed logits per category,
-    whose softmax is the interest distribution.
+    whose softmax is the interest distribution. ``seen`` holds the catalog numbers of every item
+    the user clicked; ``applied`` tells which events the profile has taken in. Everything but
+    ``seen`` is bounded by ``ModelParams``; ``seen`` by the catalog size.
     """
 
     user_id: str
@@ -41,14 +44,70 @@ class Profile:
     interest: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     explainers: list[Explainer] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    seen: set[int] = field(default_factory=set)
     clicks: int = 0
     queries: int = 0
     last_time: float = 0.0
+    applied: "Applied" = field(default_factory=lambda: Applied())
+    encoder: str = ""  # the encoder that made the vectors
+    reset: str = ""  # why the stored record could not be read (it is replaced by this profile)
 
     @property
     def is_cold(self) -> bool:
         return self.long is None and self.short is None
+
+
+def _event_hash(event_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
+DIGEST_MOD = (1 << 61) - 1
+
+
+@dataclass
+class Applied:
+    """Which events a profile has taken in, in bounded space.
+
+    Kafka delivers one user's events in order within a partition, so the last applied offset per
+    source (``topic:partition``; the latest ``MAX_SOURCES``) recognises any redelivery; the hashes
+    of the last ``recent`` event ids recognise the same event arriving again at another offset (a
+    replay into the live topic). ``count`` and ``digest`` (the sum of the event-id hashes modulo a
+    prime) cover every event since the profile began, so an audit can tell an event applied twice
+    or lost without keeping the ids.
+    """
+
+    MAX_SOURCES = 4
+
+    offsets: dict[int, int] = field(default_factory=dict)  # source hash -> last applied offset
+    recent: list[int] = field(default_factory=list)  # event-id hashes, oldest first
+    count: int = 0
+    digest: int = 0
+
+    @staticmethod
+    def source(topic: str, partition: int) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{topic}:{partition}".encode(), digest_size=4).digest(), "little")
+
+    def seen_before(self, source: Optional[int], offset: int, event_id: str) -> bool:
+        if source is not None and offset <= self.offsets.get(source, -1):
+            return True
+        return _event_hash(event_id) in self.recent
+
+    def record(self, source: Optional[int], offset: int, event_id: str, recent: int) -> None:
+        h = _event_hash(event_id)
+        if source is not None:
+            self.offsets.pop(source, None)
+            self.offsets[source] = offset
+            while len(self.offsets) > self.MAX_SOURCES:
+                self.offsets.pop(next(iter(self.offsets)))
+        self.recent.append(h)
+        del self.recent[:max(0, len(self.recent) - recent)]
+        self.count += 1
+        self.digest = (self.digest + h % DIGEST_MOD) % DIGEST_MOD
+
+    @staticmethod
+    def expected(event_ids: list[str]) -> tuple[int, int]:
+        """(count, digest) of a profile that took in exactly ``event_ids``."""
+        return len(event_ids), sum(_event_hash(e) % DIGEST_MOD for e in event_ids) % DIGEST_MOD
 
 
 def _ema(old: Optional[np.ndarray], new: np.ndarray, alpha: float) -> np.ndarray:
@@ -73,23 +132,28 @@ def click_strength(weight: float, dwell_s: Optional[float], params: ModelParams)
     return strength
 
 
-def apply_click(profile: Profile, item_id: str, item_vector: np.ndarray, title: str, category: str,
-                scene: Optional[str], strength: float, event_id: str, timestamp: float,
-                params: ModelParams) -> None:
-    """Move the profile toward a clicked item (in place)."""
+def apply_click(profile: Profile, item_id: str, item_no: int, item_vector: np.ndarray, title: str, category: str,
+                scene: Optional[str], strength: float, timestamp: float, params: ModelParams) -> None:
+    """Move the profile toward a clicked item (in place); ``item_no`` is its catalog number."""
     profile.long = _ema(profile.long, item_vector, _rate(params.long_alpha, strength))
     profile.short = _ema(profile.short, item_vector, _rate(params.short_alpha, strength))
     if scene:
-        profile.scenes[scene] = _ema(profile.scenes.get(scene), item_vector, _rate(params.scene_alpha, strength))
+        old = profile.scenes.pop(scene, None)  # the most recently used scene goes last
+        profile.scenes[scene] = _ema(old, item_vector, _rate(params.scene_alpha, strength))
+        while len(profile.scenes) > params.max_scenes:
+            profile.scenes.pop(next(iter(profile.scenes)))
     if category:
         decay = params.category_decay ** strength
         for c in profile.interest:
             profile.interest[c] *= decay
         profile.interest[category] = profile.interest.get(category, 0.0) + strength
+        if len(profile.interest) > params.max_interests:  # the weakest interests go
+            for c in sorted(profile.interest, key=lambda c: (profile.interest[c], c))[: len(profile.interest) - params.max_interests]:
+                del profile.interest[c]
     profile.intent_strength *= params.intent_decay ** strength
-    profile.seen.add(item_id)
+    profile.seen.add(item_no)
     profile.clicks += 1
-    _remember(profile, {"type": "click", "item_id": item_id, "event_id": event_id, "scene": scene, "t": timestamp},
+    _remember(profile, {"type": "click", "item_id": item_id, "scene": scene, "t": timestamp},
               Explainer("click", title or item_id, item_id, item_vector), params)
 
 
@@ -104,8 +168,8 @@ def apply_query(profile: Profile, text: str, query_vector: np.ndarray, scene: Op
     profile.intent = query_vector.astype(np.float32, copy=True)
     profile.intent_strength = 1.0
     profile.queries += 1
-    _remember(profile, {"type": "query", "text": text, "event_id": event_id, "scene": scene, "t": timestamp},
-              Explainer("query", text, event_id, query_vector), params)
+    _remember(profile, {"type": "query", "text": text[: params.text_keep], "scene": scene, "t": timestamp},
+              Explainer("query", text[: params.text_keep], event_id, query_vector), params)
 
 
 def _remember(profile: Profile, entry: dict, explainer: Explainer, params: ModelParams) -> None:

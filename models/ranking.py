@@ -22,6 +22,7 @@ class Candidate:
     category: str = ""
     scenes: Sequence[str] = field(default_factory=tuple)
     available: bool = True
+    no: int = -1  # catalog number (what a profile's seen set holds)
 
 
 @dataclass
@@ -55,7 +56,7 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
     pool: list[tuple[float, Candidate]] = []
     seen_ids: set[str] = set()
     for c in candidates:
-        if c.item_id in profile.seen or c.item_id in exclude or c.item_id in seen_ids:
+        if c.no in profile.seen or c.item_id in exclude or c.item_id in seen_ids:
             continue
         if only_categories and c.category not in only_categories:
             continue

@@ -1,8 +1,8 @@
 """The Faust app: topics and thin agents over :class:`streams.pipeline.Pipeline`.
 
 Agents consume raw bytes in micro-batches with ``noack_take`` (so a failure never acks an event),
-hand them to the pipeline, publish what it returns, wait for the broker to confirm, and only
-then ack. Every agent runs with concurrency 1: each user's events are handled in order by the
+hand them to the pipeline, publish what it returns, wait for the broker to confirm, let the
+pipeline write the batch's state, and only then ack. Every agent runs with concurrency 1: each user's events are handled in order by the
 one worker that owns the user's partition.
 """
 
@@ -17,7 +17,8 @@ from typing import Awaitable, Callable, Optional, Sequence
 import faust
 
 from streams.pipeline import Output, Pipeline, RawMessage
-from streams.retry import Backoff, retry_forever
+from streams.retry import Backoff, retry_forever, transient
+from streams.stores.profiles import ConflictError
 from streams.transport import App
 from workers.settings import Settings
 
@@ -82,22 +83,31 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         if futures:
             await asyncio.gather(*futures)
 
+    def no_conflict(exc: BaseException) -> bool:  # a conflict means: process the batch again
+        return transient(exc) and not isinstance(exc, ConflictError)
+
     def consume(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]]):
         async def agent(stream: faust.StreamT) -> None:
             async for batch in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
                 raw = [RawMessage(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key,
                                   ev.message.value) for ev in batch]
-                t0 = time.perf_counter()
-                out = await retry_forever(lambda raw=raw: process(raw), backoff, what=f"{name} batch", log=log)
-                t1 = time.perf_counter()
-                await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log)
-                t2 = time.perf_counter()
+                # Compute, publish, then write: a list is out before its event counts as applied.
+                while True:
+                    t0 = time.perf_counter()
+                    out = await retry_forever(lambda raw=raw: process(raw), backoff, what=f"{name} batch", log=log)
+                    t1 = time.perf_counter()
+                    await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log)
+                    t2 = time.perf_counter()
+                    try:
+                        await retry_forever(lambda out=out: pipeline.commit(out), backoff, what=f"{name} commit",
+                                            log=log, is_transient=no_conflict)
+                        break
+                    except ConflictError as exc:
+                        log.info("%s batch: %s; processing it again", name, exc)
                 for ev in batch:
                     await stream.ack(ev)
-                log.debug("%s batch of %d: process %.1f ms, publish %.1f ms", name, len(raw),
-                          (t1 - t0) * 1e3, (t2 - t1) * 1e3)
-                await retry_forever(lambda out=out: pipeline.profiles.incr_stats(out.stats), backoff,
-                                    what="stats", log=log)
+                log.debug("%s batch of %d: process %.1f ms, publish %.1f ms, commit %.1f ms", name, len(raw),
+                          (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
         agent.__name__ = name
         return agent
 

@@ -1,8 +1,13 @@
 """What the agents do with a micro-batch, apart from Kafka: decode, update profiles, rank, and
-build the messages to publish. Agents feed it raw messages and publish what it returns, then ack.
+build the messages to publish.
 
-Everything here is idempotent: running a batch again (after a crash, or a retry) applies no
-event twice; it only publishes its recommendations again (marked ``duplicate``).
+A batch runs in three steps: ``process_*`` computes everything (lists, new profiles, per-item
+effects) and writes nothing; the agent publishes the messages; :meth:`Pipeline.commit` then
+applies the effects and writes the profiles; the agent acks. Every effect carries its event's
+(source, offset), and every profile says which events it holds, so a batch that runs again after
+a crash or a retry applies no event twice. A list is marked ``duplicate`` only when its event was
+already applied, and so its list already published; such a list is made from the profile as it is
+now (after the user's later events), not as it was right after the event.
 """
 
 from __future__ import annotations
@@ -11,23 +16,26 @@ import asyncio
 import base64
 import copy
 import json
+import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 
 from models.params import ModelParams
-from models.profile import Profile, apply_click, apply_query, click_strength, query_vector
+from models.profile import Applied, Explainer, Profile, apply_click, apply_query, click_strength, query_vector
 from models.ranking import Candidate, Ranked, cold_start, rank
 from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, ItemUpsert, Limits, Query,
                      RecommendationRequest, RecommendedItem, Recommendations, parse_catalog, parse_event,
                      parse_request)
 from schemas.validate import to_wire
 from streams.stores.items import ItemIndex, ItemRow
-from streams.stores.profiles import CoClick, ConflictError, PopularityUpdate, ProfileStore
+from streams.stores.profiles import ClickEffect, ConflictError, Effects, ProfileStore, Write
+
+log = logging.getLogger("streamrec.pipeline")
 
 MODEL_VERSION = "streamrec-1"
 #: Seen sets at least this large are excluded in the item index instead of over-fetched.
@@ -45,16 +53,33 @@ class RawMessage:
     value: Optional[bytes]
 
 
+class CatalogBehind(RuntimeError):
+    """A click names an item that the catalog may not have indexed yet: retry the batch later."""
+
+    retriable = True
+
+
+def source_of(m: "RawMessage") -> str:
+    return f"{m.topic}:{m.partition}"
+
+
 @dataclass
 class Output:
-    """Messages to publish, keyed: recommendations and dead letters."""
+    """A processed batch: messages to publish (keyed recommendations and dead letters), and what
+    :meth:`Pipeline.commit` writes after they are published."""
 
     recommendations: list[tuple[bytes, bytes]] = field(default_factory=list)
     dead_letters: list[tuple[Optional[bytes], bytes]] = field(default_factory=list)
-    stats: dict[str, int] = field(default_factory=dict)
+    effects: Effects = field(default_factory=Effects)
+    writes: list[Write] = field(default_factory=list)
+    catalog_progress: dict[int, int] = field(default_factory=dict)
 
-    def count(self, name: str, n: int = 1) -> None:
-        self.stats[name] = self.stats.get(name, 0) + n
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.effects.totals()
+
+    def count(self, m: "RawMessage", name: str, n: int = 1) -> None:
+        self.effects.count(source_of(m), m.offset, name, n)
 
 
 class ItemCache:
@@ -84,7 +109,7 @@ class ItemCache:
 
 
 def _attrs(c: Candidate) -> tuple:
-    return c.vector, c.title, c.category, c.scenes
+    return c.vector, c.title, c.category, c.scenes, c.available, c.no
 
 
 class _SeenView:
@@ -92,7 +117,7 @@ class _SeenView:
 
     __slots__ = ("base", "added")
 
-    def __init__(self, base: set[str], added: frozenset[str]) -> None:
+    def __init__(self, base: set[int], added: frozenset[int]) -> None:
         self.base, self.added = base, added
 
     def __contains__(self, item: object) -> bool:
@@ -132,17 +157,21 @@ class Pipeline:
         item_cache: cache of items with vectors.
         executor: where blocking calls (encoder, item index) run.
         clock: wall clock for produced times and the future-timestamp check.
+        catalog_caught_up: says whether the catalog is indexed up to its end; a click on an
+            unknown item is dead-lettered only then (``None``: always).
     """
 
     def __init__(self, profiles: ProfileStore, items: ItemIndex, encoder: Any, params: ModelParams,
                  limits: Limits, k: int = 10, item_cache: Optional[ItemCache] = None,
-                 executor: Optional[Executor] = None, clock: Callable[[], float] = time.time) -> None:
+                 executor: Optional[Executor] = None, clock: Callable[[], float] = time.time,
+                 catalog_caught_up: Optional[Callable[[], Awaitable[bool]]] = None) -> None:
         self.profiles, self.items, self.encoder = profiles, items, encoder
         self.params, self.limits, self.k = params, limits, k
         self.cache = item_cache or ItemCache(50_000, 60.0)
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="streamrec-io")
         self._encode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-encode")
         self.clock = clock
+        self.catalog_caught_up = catalog_caught_up
 
     async def _run(self, fn: Callable, *args: Any, encoder: bool = False) -> Any:
         loop = asyncio.get_running_loop()
@@ -151,147 +180,167 @@ class Pipeline:
     # -- catalog -------------------------------------------------------------------------------
 
     async def process_catalog(self, batch: Sequence[RawMessage]) -> Output:
-        """Encode and index upserted items, remove deleted ones."""
+        """Number, encode and index upserted items, remove deleted ones (all idempotent)."""
         out = Output()
         now = self.clock()
-        last: dict[str, ItemUpsert | ItemDelete] = {}
+        last: dict[str, tuple[RawMessage, ItemUpsert | ItemDelete]] = {}
         for m in batch:
+            out.catalog_progress[m.partition] = max(m.offset, out.catalog_progress.get(m.partition, -1))
             try:
                 rec = parse_catalog(m.value, self.limits, now)
             except InvalidMessage as exc:
                 out.dead_letters.append(self.dead_letter(m, exc.error, exc.reason))
+                out.count(m, "dead_letters")
                 continue
             last.pop(rec.item_id, None)
-            last[rec.item_id] = rec  # the last operation on an item wins
-        upserts = [r for r in last.values() if isinstance(r, ItemUpsert)]
-        deletes = [r for r in last.values() if isinstance(r, ItemDelete)]
+            last[rec.item_id] = (m, rec)  # the last operation on an item wins
+        upserts = [(m, r) for m, r in last.values() if isinstance(r, ItemUpsert)]
+        deletes = [(m, r) for m, r in last.values() if isinstance(r, ItemDelete)]
         if upserts:
-            vectors = await self._run(self.encoder.encode, [r.text() for r in upserts], encoder=True)
-            rows = [ItemRow(r.item_id, v, r.title, r.category, tuple(r.scenes), r.available, r.timestamp)
-                    for r, v in zip(upserts, vectors, strict=True)]
+            numbers = await self.profiles.number_items([r.item_id for _, r in upserts])
+            vectors = await self._run(self.encoder.encode, [r.text() for _, r in upserts], encoder=True)
+            rows = [ItemRow(r.item_id, v, r.title, r.category, tuple(r.scenes), r.available, r.timestamp,
+                            numbers[r.item_id]) for (_, r), v in zip(upserts, vectors, strict=True)]
             await self._run(self.items.upsert, rows)
-            await self.profiles.add_items([(r.item_id, r.timestamp, r.category) for r in upserts if r.available])
-            unavailable = [r.item_id for r in upserts if not r.available]
+            await self.profiles.add_items([(r.item_id, r.timestamp, r.category) for _, r in upserts if r.available])
+            unavailable = [r.item_id for _, r in upserts if not r.available]
             if unavailable:
-                await self.profiles.remove_items(unavailable, ())
-            out.count("items_upserted", len(upserts))
+                await self.profiles.remove_items(unavailable)
+            for m, _ in upserts:
+                out.count(m, "items_upserted")
         if deletes:
-            ids = [r.item_id for r in deletes]
+            ids = [r.item_id for _, r in deletes]
             await self._run(self.items.delete, ids)
-            await self.profiles.remove_items(ids, ())
-            out.count("items_deleted", len(deletes))
+            await self.profiles.remove_items(ids)
+            for m, _ in deletes:
+                out.count(m, "items_deleted")
         for item_id in last:
             self.cache.drop(item_id)
-        out.count("dead_letters", len(out.dead_letters))
         return out
 
     # -- events --------------------------------------------------------------------------------
 
     async def process_events(self, batch: Sequence[RawMessage]) -> Output:
-        """Apply clicks and queries to profiles and produce one list per valid event."""
+        """Apply clicks and queries to profiles (in memory) and make one list per valid event."""
         out = Output()
         now = self.clock()
         events: list[tuple[RawMessage, Click | Query | ForgetUser]] = []
         for m in batch:
+            out.count(m, "events_in")
             try:
                 events.append((m, parse_event(m.value, self.limits, now)))
             except InvalidMessage as exc:
                 out.dead_letters.append(self.dead_letter(m, exc.error, exc.reason))
-        out.count("events_in", len(batch))
+                out.count(m, "dead_letters")
 
         items = await self.fetch_items([e.item_id for _, e in events if isinstance(e, Click)])
-        valid: list[Click | Query | ForgetUser] = []
+        unknown = [e.item_id for _, e in events if isinstance(e, Click) and e.item_id not in items]
+        if unknown and self.catalog_caught_up is not None:
+            if not await self.catalog_caught_up():
+                raise CatalogBehind(f"{len(unknown)} clicks name items that are not indexed (e.g. {unknown[0]!r}) "
+                                    f"while the catalog is still being indexed: waiting for it")
+            items.update(await self.fetch_items(unknown))  # indexed since they were looked up
+        valid: list[tuple[RawMessage, Click | Query | ForgetUser]] = []
         for m, e in events:
             if isinstance(e, Click) and e.item_id not in items:
                 out.dead_letters.append(self.dead_letter(m, "unknown_item", f"item {e.item_id!r} is not in the catalog"))
+                out.count(m, "dead_letters")
             else:
-                valid.append(e)
-        queries = [e for e in valid if isinstance(e, Query)]
+                valid.append((m, e))
+        queries = [e for _, e in valid if isinstance(e, Query)]
         qvecs = await self._run(self.encoder.encode, [q.text for q in queries], encoder=True) if queries else []
         query_vectors = {q.event_id: v for q, v in zip(queries, qvecs, strict=True)}
 
-        by_user: dict[str, list] = {}
-        for e in valid:
-            by_user.setdefault(e.user_id, []).append(e)
-        answers: dict[str, list[_Answer]] = {}
-        pops: list[PopularityUpdate] = []
-        coclicks: list[CoClick] = []
-        for _attempt in range(8):
-            pending = [u for u in by_user if u not in answers]
-            if not pending:
-                break
-            profiles = await self.profiles.load(pending)
-            done = await self.profiles.applied([(u, e.event_id) for u in pending for e in by_user[u]])
-            flags = iter(done)
-            for u in pending:
-                user_events = by_user[u]
-                applied_before = {e.event_id for e in user_events if next(flags)}
-                try:
-                    answers[u], user_pops, user_co, n_applied, n_dup = await self._apply_user(
-                        profiles[u], user_events, applied_before, items, query_vectors)
-                except ConflictError:
-                    continue  # another writer: read again
-                pops += user_pops
-                coclicks += user_co
-                out.count("events_applied", n_applied)
-                out.count("duplicates", n_dup)
-        if len(answers) < len(by_user):  # retried as a whole batch by the agent
-            raise ConflictError(f"profiles of {len(by_user) - len(answers)} users kept changing during the batch")
-        forgotten = sum(isinstance(e, ForgetUser) for e in valid)
-        if forgotten:
-            out.count("users_forgotten", forgotten)
+        by_user: dict[str, list[tuple[RawMessage, Click | Query | ForgetUser]]] = {}
+        for m, e in valid:
+            by_user.setdefault(e.user_id, []).append((m, e))
+        profiles = await self.load_profiles(list(by_user))
+        flat: list[tuple[RawMessage, _Answer]] = []
+        for u, user_events in by_user.items():
+            for (m, _), a in zip(user_events, self._apply_user(profiles[u], user_events, items, query_vectors, out),
+                                 strict=True):
+                if a is not None:
+                    flat.append((m, a))
         # Lists see popularity and co-clicks as they were before this batch: never a click that
         # comes after their event.
-        flat = [a for u in by_user for a in answers[u] if a is not None]
-        for rec in await self.answer(flat):
+        ids = {c.no: c.item_id for c in items.values()}
+        for (m, _), rec in zip(flat, await self.answer([a for _, a in flat], ids), strict=True):
             out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
-        await self.profiles.bump_popularity(pops)
-        await self.profiles.bump_cooccurrence(coclicks)
-        out.count("recommendations_out", len(out.recommendations))
-        out.count("dead_letters", len(out.dead_letters))
+            out.count(m, "recommendations_out")
         return out
 
-    async def _apply_user(self, profile: Profile, user_events: list, applied_before: set[str],
-                          items: dict[str, Candidate], query_vectors: dict[str, np.ndarray]):
-        """Apply one user's events in order; commit; return the lists to produce."""
+    async def load_profiles(self, user_ids: Sequence[str]) -> dict[str, Profile]:
+        """Profiles ready to use: an unreadable one starts again, one whose vectors another encoder
+        made keeps everything but them (both logged), click explainers get their item vectors."""
+        profiles = await self.profiles.load(user_ids) if user_ids else {}
+        version = self.encoder.version
+        for u, prof in profiles.items():
+            if prof.reset:
+                log.warning("profile of user %r could not be read (%s); it starts again", u, prof.reset)
+            elif prof.encoder and prof.encoder != version:
+                log.warning("profile of user %r holds vectors of encoder %r, this worker's is %r: its vectors "
+                            "start again, its history and seen items are kept", u, prof.encoder, version)
+                prof.long = prof.short = prof.intent = None
+                prof.intent_strength = 0.0
+                prof.scenes = {}
+                prof.explainers = [e for e in prof.explainers if e.kind == "click"]
+        refs = [e.ref for prof in profiles.values() for e in prof.explainers if e.vector is None]
+        if refs:
+            known = await self.fetch_items(refs)
+            for prof in profiles.values():
+                prof.explainers = [e if e.vector is not None else
+                                   Explainer(e.kind, e.label, e.ref, known[e.ref].vector)
+                                   for e in prof.explainers if e.vector is not None or
+                                   (e.ref in known and known[e.ref].vector is not None)]
+        return profiles
+
+    def _apply_user(self, profile: Profile, user_events: list, items: dict[str, Candidate],
+                    query_vectors: dict[str, np.ndarray], out: Output) -> list[Optional[_Answer]]:
+        """Apply one user's events in order (in memory), noting the write and the per-item effects
+        in ``out``; return the lists to make (``None`` for a forget)."""
         p = self.params
         answers: list[Optional[_Answer]] = []
-        pops: list[PopularityUpdate] = []
-        coclicks: list[CoClick] = []
+        expected, reset = profile.version, bool(profile.reset)
         base_seen = set(profile.seen)
-        expected = profile.version
-        added: list[str] = []
-        applied_ids: list[str] = []
-        seen_in_batch: set[str] = set()
-        n_dup = n_committed = 0
-        for e in user_events:
-            duplicate = e.event_id in applied_before or e.event_id in seen_in_batch
-            seen_in_batch.add(e.event_id)
-            if isinstance(e, ForgetUser):
-                if applied_ids:
-                    await self.profiles.commit(profile, expected, added, applied_ids)
-                    n_committed += len(applied_ids)
-                await self.profiles.forget(e.user_id)
-                profile, expected, base_seen, added, applied_ids = Profile(user_id=e.user_id), 0, set(), [], []
+        added: list[int] = []
+        changed = reset
+        forgotten = False
+        for m, e in user_events:
+            src = Applied.source(m.topic, m.partition)
+            if profile.applied.seen_before(src, m.offset, e.event_id):
+                again = m.offset <= profile.applied.offsets.get(src, -1)
+                out.count(m, "redelivered" if again else "duplicates")
+                duplicate = True
+            elif isinstance(e, ForgetUser):
+                applied = profile.applied
+                applied.count = applied.digest = 0
+                applied.record(src, m.offset, e.event_id, p.recent_events)
+                profile = Profile(user_id=e.user_id, version=profile.version, applied=applied)
+                base_seen, added = set(), []
+                changed = forgotten = True
+                out.count(m, "users_forgotten")
                 answers.append(None)  # a forgotten user gets no list
                 continue
-            if duplicate:
-                n_dup += 1
-            elif isinstance(e, Click):
-                it = items[e.item_id]
-                earlier = [h["item_id"] for h in profile.history if h["type"] == "click"][-p.cooccur_window:]
-                if it.available:  # an unavailable item gains no popularity and no co-clicks
-                    coclicks.append(CoClick(it.item_id, earlier))
-                apply_click(profile, it.item_id, it.vector, it.title, it.category, e.scene,
-                            click_strength(e.weight, e.dwell_s, p), e.event_id, e.timestamp, p)
-                if it.item_id not in base_seen:
-                    added.append(it.item_id)
-                if it.available:
-                    pops.append(PopularityUpdate(it.item_id, e.scene, e.timestamp, e.weight))
-                applied_ids.append(e.event_id)
             else:
-                apply_query(profile, e.text, query_vectors[e.event_id], e.scene, e.event_id, e.timestamp, p)
-                applied_ids.append(e.event_id)
+                duplicate = False
+                if isinstance(e, Click):
+                    it = items[e.item_id]
+                    earlier = [h["item_id"] for h in profile.history if h["type"] == "click"][-p.cooccur_window:]
+                    if it.available:  # an unavailable item gains no popularity and no co-clicks
+                        out.effects.clicks.append((source_of(m), m.offset, ClickEffect(
+                            it.item_id, e.scene, e.timestamp, e.weight, earlier)))
+                    apply_click(profile, it.item_id, it.no, it.vector, it.title, it.category, e.scene,
+                                click_strength(e.weight, e.dwell_s, p), e.timestamp, p)
+                    if it.no not in base_seen:
+                        added.append(it.no)
+                else:
+                    apply_query(profile, e.text, query_vectors[e.event_id], e.scene, e.event_id, e.timestamp, p)
+                profile.applied.record(src, m.offset, e.event_id, p.recent_events)
+                out.count(m, "events_applied")
+                changed, forgotten = True, False
+            if isinstance(e, ForgetUser):
+                answers.append(None)
+                continue
             snap = copy.copy(profile)  # vectors are replaced, never changed in place; containers are copied
             snap.scenes = dict(profile.scenes)
             snap.interest = dict(profile.interest)
@@ -300,9 +349,23 @@ class Pipeline:
             snap.seen = _SeenView(base_seen, frozenset(added))  # type: ignore[assignment]
             answers.append(_Answer(e.user_id, e.event_id, "click" if isinstance(e, Click) else "query", e.scene,
                                    e.timestamp, self.k, snap, duplicate=duplicate))
-        if applied_ids:
-            await self.profiles.commit(profile, expected, added, applied_ids)
-        return answers, pops, coclicks, n_committed + len(applied_ids), n_dup
+        if changed:
+            profile.encoder = self.encoder.version
+            out.writes.append(Write(profile, expected, forgotten=forgotten, replace=reset))
+            if reset:
+                out.count(user_events[0][0], "profiles_reset")
+        return answers
+
+    async def commit(self, out: Output) -> None:
+        """Apply a published batch's effects, then write its profiles (raises
+        :class:`ConflictError` if another writer changed one: process the batch again)."""
+        await self.profiles.apply(out.effects)
+        if out.writes:
+            done = await self.profiles.commit(out.writes)
+            if not all(done):
+                raise ConflictError(f"profiles of {done.count(False)} users changed during the batch")
+        if out.catalog_progress:
+            await self.profiles.set_catalog_progress(out.catalog_progress)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -310,20 +373,20 @@ class Pipeline:
         """Answer recommendation requests from current profiles, changing nothing."""
         out = Output()
         now = self.clock()
-        reqs: list[RecommendationRequest] = []
+        reqs: list[tuple[RawMessage, RecommendationRequest]] = []
         for m in batch:
             try:
-                reqs.append(parse_request(m.value, self.limits, now))
+                reqs.append((m, parse_request(m.value, self.limits, now)))
             except InvalidMessage as exc:
                 out.dead_letters.append(self.dead_letter(m, exc.error, exc.reason))
-        profiles = await self.profiles.load([r.user_id for r in reqs]) if reqs else {}
+                out.count(m, "dead_letters")
+        profiles = await self.load_profiles([r.user_id for _, r in reqs])
         answers = [_Answer(r.user_id, r.request_id, "request", r.scene, r.timestamp, r.k or self.k,
                            profiles[r.user_id], exclude=frozenset(r.exclude), only_categories=tuple(r.categories))
-                   for r in reqs]
-        for rec in await self.answer(answers):
+                   for _, r in reqs]
+        for (m, _), rec in zip(reqs, await self.answer(answers), strict=True):
             out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
-        out.count("requests_answered", len(out.recommendations))
-        out.count("dead_letters", len(out.dead_letters))
+            out.count(m, "requests_answered")
         return out
 
     # -- shared --------------------------------------------------------------------------------
@@ -344,9 +407,11 @@ class Pipeline:
                 found[i] = c
         return found
 
-    async def answer(self, answers: Sequence[_Answer]) -> list[Recommendations]:
+    async def answer(self, answers: Sequence[_Answer], ids: Optional[dict[int, str]] = None) -> list[Recommendations]:
         """Rank a list for each answer: one batched search for all personalised ones, the
-        cold-start list (popularity, then newest) for the rest and to fill short lists."""
+        cold-start list (popularity, then newest) for the rest and to fill short lists. ``ids``:
+        the item ids of the catalog numbers clicked in the batch."""
+        ids = ids or {}
         if not answers:
             return []
         p = self.params
@@ -358,7 +423,7 @@ class Pipeline:
         # A large one is excluded in the index, once for all of its user's lists in the batch: the
         # seen set after the whole batch is excluded, and the items the user clicks later in the
         # batch (unseen when an earlier list is made) join that list's candidates, scored here.
-        final: dict[int, tuple[Any, set[str]]] = {}  # id(seen before the batch) -> (it, + batch clicks)
+        final: dict[int, tuple[Any, set[int]]] = {}  # id(seen before the batch) -> (it, + batch clicks)
         for a in answers:
             seen = a.profile.seen
             if a.vector is not None and isinstance(seen, _SeenView):
@@ -378,7 +443,7 @@ class Pipeline:
             if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
                 key: tuple = (a.only_categories, id(base))
                 exclude: Any = (base, batch_clicks)
-                late[i] = [c for c in batch_clicks if c not in added and c not in base]
+                late[i] = [ids[c] for c in batch_clicks if c not in added and c not in base and c in ids]
             else:
                 need += len(seen)
                 key = (a.only_categories, None, -(-need // 8))  # few distinct limits: few searches
@@ -392,7 +457,7 @@ class Pipeline:
                                    excluded)
             for i, h in zip(idx, hits, strict=True):
                 seen = answers[i].profile.seen
-                results[i] = [c for c in h if c.item_id not in seen][: limits[i]]
+                results[i] = [c for c in h if c.no not in seen][: limits[i]]
         if late:
             known = await self.fetch_items([c for ids in late.values() for c in ids])
             for i, ids in late.items():
@@ -431,7 +496,7 @@ class Pipeline:
             if a.vector is not None:
                 candidates = results.get(i, [])
                 if p.w_popularity > 0:
-                    extra = [c for c in popular if c.item_id not in a.profile.seen and c.item_id not in a.exclude]
+                    extra = [c for c in popular if c.no not in a.profile.seen and c.item_id not in a.exclude]
                     candidates = candidates + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
                                                for c in extra[: a.k * p.oversample]]
                 ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
@@ -441,9 +506,10 @@ class Pipeline:
                 if newest is None:
                     newest = await self._pool(await self.profiles.newest(pool_size))
                 taken = {r.item_id for r in ranked}
-                fill = cold_start(popular, newest, a.k - len(ranked) + len(a.profile.seen), exclude=a.exclude | taken,
+                unseen = [[c for c in pool if c.no not in a.profile.seen] for pool in (popular, newest)]
+                fill = cold_start(unseen[0], unseen[1], a.k - len(ranked), exclude=a.exclude | taken,
                                   only_categories=a.only_categories)
-                ranked += [r for r in fill if r.item_id not in a.profile.seen][: a.k - len(ranked)]
+                ranked += fill[: a.k - len(ranked)]
             produced.append(Recommendations(
                 user_id=a.user_id, trigger_event_id=a.trigger_id, trigger_type=a.trigger_type,
                 items=[RecommendedItem(item_id=r.item_id, score=r.score, reason=r.reason, title=r.title,
@@ -465,14 +531,14 @@ class Pipeline:
         if not all_sources:
             return
         partners = await self.profiles.cooccurring(all_sources, p.cooccur_fanout)
-        best_of: dict[int, list[str]] = {}
+        known = await self.fetch_items([*all_sources, *(y for ys in partners.values() for y, _ in ys)])
         for i, xs in sources.items():
             a = answers[i]
             total: dict[str, float] = {}
             strongest: dict[str, tuple[float, str]] = {}
             for x in xs:
                 for y, score in partners.get(x, ()):
-                    if y in a.profile.seen or y in a.exclude:
+                    if y not in known or known[y].no in a.profile.seen or y in a.exclude:
                         continue
                     total[y] = total.get(y, 0.0) + score
                     if score > strongest.get(y, (0.0, ""))[0]:
@@ -480,15 +546,11 @@ class Pipeline:
             if total:
                 top = max(total.values())
                 cooccur[i] = {y: v / top for y, v in total.items()}
-                cooccur_with[i] = {y: x for y, (_, x) in strongest.items()}
-                best_of[i] = sorted(total, key=lambda y: (-total[y], y))[: a.k * p.oversample]
-        known = await self.fetch_items([*all_sources, *(y for ys in best_of.values() for y in ys)])
-        for i, ys in best_of.items():
-            a = answers[i]
-            cooccur_with[i] = {y: known[x].title or x for y, x in cooccur_with[i].items() if x in known}
-            results[i] = results.get(i, []) + [Candidate(y, float(np.dot(a.vector, known[y].vector)), *_attrs(known[y]))
-                                               for y in ys if y in known and known[y].vector is not None
-                                               and known[y].available]
+                cooccur_with[i] = {y: known[x].title or x for y, (_, x) in strongest.items() if x in known}
+                best = sorted(total, key=lambda y: (-total[y], y))[: a.k * p.oversample]
+                results[i] = results.get(i, []) + [
+                    Candidate(y, float(np.dot(a.vector, known[y].vector)), *_attrs(known[y]))
+                    for y in best if known[y].vector is not None and known[y].available]
 
     async def _popular_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], dict[str, float]]:
         """The ``n`` most popular items (with vectors, similarity = popularity) and each one's

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     kafka_ssl_check_hostname: bool = Field(True, description="check that the broker's certificate names its host")
 
     # Stores
-    redis_url: str = Field("redis://localhost:6379/0", description="profile store URL (redis://, rediss://, memory://)")
+    redis_url: str = Field("redis://localhost:6379/0", description="profile store URL (redis://, rediss://, redis+cluster://host:port[,host:port], memory://)")
     redis_username: str = Field("", description="Redis ACL user; empty: the URL's, else `default`")
     redis_password: SecretStr = Field(SecretStr(""), description="Redis password; empty: the URL's, if any")
     redis_ssl_cafile: str = Field("", description="rediss://: PEM of the CAs to trust; empty: the system's")
@@ -83,12 +83,27 @@ class Settings(BaseSettings):
     batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
     item_cache_size: int = Field(50_000, ge=0)
     item_cache_ttl_s: float = Field(60.0, ge=0)
-    dedupe_window: int = Field(10_000, ge=1, description="applied event ids remembered per user")
-    popularity_halflife_s: float = Field(6 * 3600.0, gt=0)
-    cooccur_keep: int = Field(200, ge=1, description="co-clicked partners kept per item (the most frequent)")
+    popularity_halflife_s: float = Field(6 * 3600.0, gt=0, description="popularity halves over this much event time")
+    cooccur_halflife_s: float = Field(30 * 86400.0, gt=0, description="co-clicks halve over this much event time")
+    cooccur_keep: int = Field(200, ge=1, description="co-clicked partners kept per item (the strongest, decayed)")
+    popular_keep: int = Field(5_000, ge=1, description="items kept per shard in each popularity list")
+    state_shards: int = Field(16, ge=1, description="shards of per-item state and stats in Redis; fixed for a key prefix")
+    forget_ttl_s: float = Field(7 * 86400.0, gt=0, description="how long a forgotten user's tombstone recognises "
+                                "redelivered events (it holds no personal data)")
+    redis_wait_replicas: int = Field(0, ge=0, description="each batch's Redis writes wait for this many replicas "
+                                     "(WAIT) before it is acked; 1 on a cluster with replicas survives a failover")
     startup_timeout_s: float = Field(
         30.0, ge=0, description="how long a starting worker waits for an unreachable Kafka, Redis or Milvus; "
         "rejected credentials fail at once")
+
+    def store_options(self):
+        """The profile store's tunables."""
+        from streams.stores.profiles import StoreOptions
+
+        return StoreOptions(shards=self.state_shards, popularity_halflife_s=self.popularity_halflife_s,
+                            cooccur_halflife_s=self.cooccur_halflife_s, cooccur_keep=self.cooccur_keep,
+                            popular_keep=self.popular_keep, forget_ttl_s=self.forget_ttl_s,
+                            wait_replicas=self.redis_wait_replicas)
 
     # Limits on input (longer or larger input is dead-lettered with the reason)
     max_text_chars: int = Field(2_000, ge=1)
@@ -125,7 +140,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{', '.join(tls_files)} set but kafka_security_protocol is {protocol}: use SSL or SASL_SSL")
         if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
             raise ValueError("kafka_ssl_keyfile needs kafka_ssl_certfile")
-        url = urlsplit(self.redis_url)
+        url = urlsplit(self.redis_url.replace("+cluster", "", 1))
         tls_files = [n for n in ("redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile") if getattr(self, n)]
         if tls_files and url.scheme != "rediss":
             raise ValueError(f"{', '.join(tls_files)} set but redis_url is not rediss:// (TLS)")

@@ -20,14 +20,18 @@ def build_pipeline(settings: Settings):
 
     encoder = TextEncoder(settings.encoder_model, settings.encoder_device, settings.encoder_max_length,
                           settings.encoder_batch_size, settings.encoder_threads)
-    profiles = open_profile_store(settings.redis_url, settings.key_prefix, dedupe_window=settings.dedupe_window,
-                                  popularity_halflife_s=settings.popularity_halflife_s,
-                                  cooccur_keep=settings.cooccur_keep, redis_options=redis_options(settings))
+    profiles = open_profile_store(settings.redis_url, settings.key_prefix, settings.store_options(),
+                                  redis_options=redis_options(settings))
     items = open_item_index(settings.milvus_uri, encoder.dim, settings.milvus_collection,
                             settings.milvus_token.get_secret_value(), settings.milvus_consistency,
                             settings.milvus_index_type, settings.milvus_flush_writes, settings.milvus_timeout_s)
+    from streams.catalog_gate import CatalogGate
+    from streams.stores.eventlog import KafkaEventLog
+
+    offsets = KafkaEventLog.from_settings(settings, client_id=f"{settings.app_id}-catalog-gate")
+    gate = CatalogGate(lambda: offsets.end_offsets(settings.topic_catalog), profiles)
     return Pipeline(profiles, items, encoder, settings.model, Limits.from_settings(settings), k=settings.k,
-                    item_cache=ItemCache(settings.item_cache_size, settings.item_cache_ttl_s))
+                    item_cache=ItemCache(settings.item_cache_size, settings.item_cache_ttl_s), catalog_caught_up=gate)
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

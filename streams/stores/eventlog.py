@@ -124,7 +124,24 @@ class KafkaEventLog:
         finally:
             consumer.close()
 
+    def end_offsets(self, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+        """Per partition of ``topic``, the offset its next record will get (one consumer, kept)."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        if getattr(self, "_offsets", None) is None:
+            self._offsets = KafkaConsumer(**self._common(), enable_auto_commit=False, group_id=None,
+                                          request_timeout_ms=int(timeout_s * 1000) + 1000)
+        parts = self._offsets.partitions_for_topic(topic)
+        if not parts:
+            self._offsets.topics()  # refresh metadata once
+            parts = self._offsets.partitions_for_topic(topic) or set()
+        ends = self._offsets.end_offsets([TopicPartition(topic, p) for p in sorted(parts)])
+        return {tp.partition: int(off) for tp, off in ends.items()}
+
     def close(self) -> None:
+        if getattr(self, "_offsets", None) is not None:
+            self._offsets.close()
+            self._offsets = None
         if self._producer is not None:
             self._producer.close()
             self._producer = None

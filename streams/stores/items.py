@@ -25,6 +25,7 @@ class ItemRow:
     scenes: Sequence[str] = field(default_factory=tuple)
     available: bool = True
     timestamp: float = 0.0
+    no: int = -1  # catalog number
 
 
 class ItemIndex(abc.ABC):
@@ -46,11 +47,11 @@ class ItemIndex(abc.ABC):
 
     @abc.abstractmethod
     def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = (),
-               exclude: Collection[str] = ()) -> list[list[Candidate]]:
+               exclude: Collection[int] = ()) -> list[list[Candidate]]:
         """For each row of ``vectors`` (shape ``(n, dim)``, unit length), the ``limit`` available
-        items of highest cosine similarity, best first. Vectors and attributes may be left out
-        (``vector=None``): :meth:`get` has them. ``categories``: only items of these;
-        ``exclude``: never these (for every row)."""
+        items of highest cosine similarity, best first, with their catalog numbers. Vectors and
+        attributes may be left out (``vector=None``): :meth:`get` has them. ``categories``: only
+        items of these; ``exclude``: never the items of these catalog numbers (for every row)."""
 
     @abc.abstractmethod
     def count(self) -> int:
@@ -79,9 +80,9 @@ class MemoryItemIndex(ItemIndex):
         return {i: _candidate(self._rows[i], 0.0) for i in item_ids if i in self._rows}
 
     def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = (),
-               exclude: Collection[str] = ()) -> list[list[Candidate]]:
+               exclude: Collection[int] = ()) -> list[list[Candidate]]:
         rows = [r for r in self._rows.values() if r.available and (not categories or r.category in categories)
-                and r.item_id not in exclude]
+                and r.no not in exclude]
         if not rows or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
         matrix = np.stack([r.vector for r in rows])  # (items, dim)
@@ -97,7 +98,7 @@ class MemoryItemIndex(ItemIndex):
 
 
 def _candidate(r: ItemRow, similarity: float) -> Candidate:
-    return Candidate(r.item_id, similarity, r.vector, r.title, r.category, tuple(r.scenes), r.available)
+    return Candidate(r.item_id, similarity, r.vector, r.title, r.category, tuple(r.scenes), r.available, r.no)
 
 
 def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", token: str = "",

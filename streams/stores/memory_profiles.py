@@ -2,85 +2,110 @@
 
 from __future__ import annotations
 
-import copy
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from models.profile import Profile
-from streams.stores.profiles import (STAT_FIELDS, CoClick, ConflictError, PopularityUpdate, ProfileStore,
-                                     cooccur_pairs, decayed_weight, normalised_cooccurrence)
+from streams.stores import codec
+from streams.stores.profiles import (STAT_FIELDS, DELIVERY_STATS, Effects, ProfileStore, StoreOptions, Write,
+                                     decayed_weight, normalised_cooccurrence, shard_of)
 
 
 class MemoryProfileStore(ProfileStore):
-    """Profiles in a dict. Not shared between processes."""
+    """Profiles (as encoded records) and counters in dicts. Not shared between processes."""
 
-    def __init__(self, *, dedupe_window: int = 10_000, popularity_halflife_s: float = 6 * 3600.0,
-                 cooccur_keep: int = 200) -> None:
-        self.dedupe_window = dedupe_window
-        self.cooccur_keep = cooccur_keep
-        self._co: dict[str, dict[str, float]] = {}
-        self._clicks: dict[str, float] = {}
-        self.halflife = popularity_halflife_s
-        self._profiles: dict[str, Profile] = {}
-        self._events: dict[str, list[str]] = {}
-        self._pop: dict[Optional[str], dict[str, float]] = {None: {}}
+    def __init__(self, options: StoreOptions = StoreOptions()) -> None:
+        self.o = options
+        self._records: dict[str, bytes] = {}
+        self._wm: dict[tuple[int, str], int] = {}  # (shard, source) -> last applied offset
         self._ref: Optional[float] = None
+        self._pop: dict[Optional[str], dict[str, float]] = {None: {}}
+        self._n: dict[str, float] = {}
+        self._co: dict[str, dict[str, float]] = {}
+        self._numbers: dict[str, int] = {}
         self._new: dict[str, float] = {}
         self._cats: set[str] = set()
+        self._progress: dict[int, int] = {}
         self._stats: dict[str, int] = {k: 0 for k in STAT_FIELDS}
+        self.totals = {"clicks": 0, "pairs": 0}  # raw counts of applied effects, for audits
 
     async def load(self, user_ids: Sequence[str]) -> dict[str, Profile]:
-        return {u: copy.deepcopy(self._profiles.get(u)) or Profile(user_id=u) for u in user_ids}
+        out = {}
+        for u in dict.fromkeys(user_ids):
+            raw = self._records.get(u)
+            if raw is None:
+                out[u] = Profile(user_id=u)
+                continue
+            try:
+                p, forgotten = codec.decode(u, raw)
+            except codec.CorruptProfile as exc:
+                out[u] = Profile(user_id=u, version=codec.record_version(raw), reset=str(exc))
+                continue
+            if forgotten:
+                p = Profile(user_id=u, version=p.version, applied=p.applied)
+            out[u] = p
+        return out
 
-    async def applied(self, user_ids_event_ids: Sequence[tuple[str, str]]) -> list[bool]:
-        return [e in self._events.get(u, ()) for u, e in user_ids_event_ids]
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        done = []
+        for w in writes:
+            u = w.profile.user_id
+            stored = self._records.get(u)
+            ok = w.replace or codec.record_version(stored) == w.expected
+            if ok:
+                version = w.expected % 0xFFFFFFFF + 1
+                self._records[u] = codec.encode(w.profile, version, forgotten=w.forgotten)
+                w.profile.version = version
+            done.append(ok)
+        return done
 
-    async def commit(self, profile: Profile, expected_version: int, new_seen: Iterable[str],
-                     event_ids: Sequence[str]) -> int:
-        stored = self._profiles.get(profile.user_id)
-        if (stored.version if stored else 0) != expected_version:
-            raise ConflictError(f"profile of {profile.user_id!r} changed since version {expected_version}")
-        events = self._events.setdefault(profile.user_id, [])
-        if any(e in events for e in event_ids):
-            raise ConflictError(f"an event of {profile.user_id!r} was applied concurrently")
-        events.extend(event_ids)
-        del events[:-self.dedupe_window]
-        saved = copy.deepcopy(profile)
-        saved.version = expected_version + 1
-        if stored:
-            saved.seen = stored.seen | set(new_seen)
-        self._profiles[profile.user_id] = saved
-        profile.version = saved.version
-        return saved.version
+    def _fresh(self, shard: int, source: str, offset: int, pending: dict) -> bool:
+        """Is (source, offset) past the shard's watermark? Notes the new watermark in ``pending``."""
+        key = (shard, source)
+        if offset <= self._wm.get(key, -1):
+            return False
+        pending[key] = max(pending.get(key, -1), offset)
+        return True
 
-    async def forget(self, user_id: str) -> None:
-        self._profiles.pop(user_id, None)
-        self._events.pop(user_id, None)
+    async def apply(self, effects: Effects) -> None:
+        pending: dict[tuple[int, str], int] = {}
+        S = self.o.shards
+        for source, offset, c in effects.clicks:
+            if self._fresh(shard_of(c.item_id, S), source, offset, pending):
+                if self._ref is None:
+                    self._ref = c.timestamp
+                w = decayed_weight(c.timestamp, self._ref, self.o.popularity_halflife_s, c.weight)
+                for scene in {None, c.scene}:
+                    table = self._pop.setdefault(scene, {})
+                    table[c.item_id] = table.get(c.item_id, 0.0) + w
+                self._n[c.item_id] = self._n.get(c.item_id, 0.0) + self._co_weight(c.timestamp)
+                self.totals["clicks"] += 1
+            for prev in dict.fromkeys(c.previous):
+                if prev == c.item_id:
+                    continue
+                for a, b in ((c.item_id, prev), (prev, c.item_id)):
+                    if self._fresh(shard_of(a, S), source, offset, pending):
+                        row = self._co.setdefault(a, {})
+                        row[b] = row.get(b, 0.0) + self._co_weight(c.timestamp)
+                        self.totals["pairs"] += 1
+                        if len(row) > self.o.cooccur_keep:  # the weakest partner goes (of equal ones the least id)
+                            del row[min(row, key=lambda k: (row[k], k))]
+        for source, offset, name, n in effects.stats:
+            if name in DELIVERY_STATS or self._fresh(shard_of(source, S), source, offset, pending):
+                self._stats[name] = self._stats.get(name, 0) + n
+        for key, offset in pending.items():
+            self._wm[key] = offset
 
-    async def bump_cooccurrence(self, clicks: Sequence[CoClick]) -> None:
-        for c in clicks:
-            self._clicks[c.item_id] = self._clicks.get(c.item_id, 0.0) + 1.0
-        touched = set()
-        for a, b in cooccur_pairs(clicks):
-            row = self._co.setdefault(a, {})
-            row[b] = row.get(b, 0.0) + 1.0
-            touched.add(a)
-        for a in touched:  # keep the most frequent partners; of equal ones the greatest ids, as Redis does
-            row = self._co[a]
-            if len(row) > self.cooccur_keep:
-                self._co[a] = dict(sorted(row.items(), key=lambda kv: (kv[1], kv[0]))[-self.cooccur_keep:])
+    def _co_weight(self, t: float) -> float:
+        return decayed_weight(t, self._ref if self._ref is not None else t, self.o.cooccur_halflife_s, 1.0)
+
+    async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
+        for i in item_ids:
+            self._numbers.setdefault(i, len(self._numbers))
+        return {i: self._numbers[i] for i in item_ids}
 
     async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
         rows = {a: sorted(self._co.get(a, {}).items(), key=lambda kv: (-kv[1], kv[0])) for a in item_ids}
-        return normalised_cooccurrence(rows, self._clicks, n)
-
-    async def bump_popularity(self, updates: Sequence[PopularityUpdate]) -> None:
-        for u in updates:
-            if self._ref is None:
-                self._ref = u.timestamp
-            w = decayed_weight(u.timestamp, self._ref, self.halflife, u.weight)
-            for scene in {None, u.scene}:
-                table = self._pop.setdefault(scene, {})
-                table[u.item_id] = table.get(u.item_id, 0.0) + w
+        return normalised_cooccurrence(rows, self._n, n)
 
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
         table = self._pop.get(scene) if scene and len(self._pop.get(scene, {})) >= n else self._pop[None]
@@ -92,10 +117,10 @@ class MemoryProfileStore(ProfileStore):
             if cat:
                 self._cats.add(cat)
 
-    async def remove_items(self, item_ids: Sequence[str], scenes: Sequence[str]) -> None:
+    async def remove_items(self, item_ids: Sequence[str]) -> None:
         for i in item_ids:
             self._new.pop(i, None)
-            self._clicks.pop(i, None)
+            self._n.pop(i, None)
             self._co.pop(i, None)
             for table in self._pop.values():
                 table.pop(i, None)
@@ -106,9 +131,19 @@ class MemoryProfileStore(ProfileStore):
     async def category_count(self) -> int:
         return len(self._cats)
 
-    async def incr_stats(self, counts: dict[str, int]) -> None:
-        for k, v in counts.items():
-            self._stats[k] = self._stats.get(k, 0) + v
+    async def catalog_progress(self) -> dict[int, int]:
+        return dict(self._progress)
+
+    async def set_catalog_progress(self, progress: dict[int, int]) -> None:
+        for part, off in progress.items():
+            self._progress[part] = max(off, self._progress.get(part, -1))
 
     async def stats(self) -> dict[str, int]:
         return dict(self._stats)
+
+    async def memory_usage(self, user_id: str) -> int:
+        return len(self._records.get(user_id, b""))
+
+    def corrupt(self, user_id: str, raw: bytes) -> None:
+        """Store ``raw`` as ``user_id``'s record (tests of recovery from bad state)."""
+        self._records[user_id] = raw

@@ -1,26 +1,26 @@
-"""The profile store: user profiles, applied-event ids, popularity and counters.
+"""The profile store: user profiles, per-item counters (popularity, co-clicks), catalog numbers
+and stats.
 
-``open_profile_store(url)`` picks the implementation by scheme: ``redis://`` / ``rediss://`` /
-``unix://`` (Redis), ``memory://`` (in-process, for unit tests and trials).
-
-Every write of a profile is one atomic compare-and-set that also records the ids of the events
-it applied, so an event redelivered after a crash is recognised and never applied twice.
+``open_profile_store(url)`` picks the implementation by scheme: Redis (one server or a cluster)
+or ``memory://`` (in-process, for unit tests and trials). Every effect of an event is applied
+exactly once: a profile by compare-and-set of a record that says which events it holds, per-item
+state and stats by per-source offset watermarks.
 """
 
 from __future__ import annotations
 
 import abc
-import json
 import math
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
+from models.profile import Profile
 
-from models.profile import Explainer, Profile
-
-STAT_FIELDS = ("events_in", "events_applied", "duplicates", "recommendations_out", "dead_letters",
-               "items_upserted", "items_deleted", "requests_answered", "users_forgotten")
+STAT_FIELDS = ("events_in", "events_applied", "duplicates", "redelivered", "recommendations_out", "dead_letters",
+               "items_upserted", "items_deleted", "requests_answered", "users_forgotten", "profiles_reset")
+#: Stats that count deliveries, not events: a redelivered batch adds to them again.
+DELIVERY_STATS = ("redelivered",)
 
 
 class ConflictError(RuntimeError):
@@ -28,56 +28,82 @@ class ConflictError(RuntimeError):
 
 
 @dataclass
-class PopularityUpdate:
+class ClickEffect:
+    """What one applied click does to per-item state: popularity (global and in ``scene``), the
+    item's click count, and a co-click with each of the user's earlier clicks ``previous``."""
+
     item_id: str
     scene: Optional[str]
     timestamp: float
     weight: float
+    previous: Sequence[str] = ()
 
 
 @dataclass
-class CoClick:
-    """A click on ``item_id`` by a user whose earlier clicks were ``previous``."""
+class Effects:
+    """What a batch does outside the profiles, each part tagged with its event's source
+    (``topic:partition``) and offset, so that a store applies it exactly once however often the
+    batch runs: ``clicks`` as (source, offset, effect), ``stats`` as (source, offset, name, n)."""
 
-    item_id: str
-    previous: Sequence[str]
+    clicks: list[tuple[str, int, ClickEffect]] = field(default_factory=list)
+    stats: list[tuple[str, int, str, int]] = field(default_factory=list)
+
+    def count(self, source: str, offset: int, name: str, n: int = 1) -> None:
+        if n:
+            self.stats.append((source, offset, name, n))
+
+    def totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, _, name, n in self.stats:
+            out[name] = out.get(name, 0) + n
+        return out
+
+
+@dataclass
+class Write:
+    """A profile to store if its stored version is still ``expected`` (0: none stored).
+    ``forgotten``: keep only what recognises its events (a tombstone that expires);
+    ``replace``: the stored record was unreadable and is overwritten."""
+
+    profile: Profile
+    expected: int
+    forgotten: bool = False
+    replace: bool = False
 
 
 class ProfileStore(abc.ABC):
-    """Where profiles live. All methods are coroutines; implementations must be safe to share
-    between the agents of one worker."""
+    """Where user profiles and per-item counters live. All methods are coroutines; implementations
+    must be safe to share between the agents of one worker.
+
+    Each user's state is one small record (``streams.stores.codec``), written by compare-and-set;
+    it carries which events it has taken in. Per-item state is kept per shard of items, and every
+    change to it carries its event's (source, offset): a shard applies offsets past its watermark
+    for that source only, so a batch that runs again changes nothing twice."""
 
     @abc.abstractmethod
     async def load(self, user_ids: Sequence[str]) -> dict[str, Profile]:
-        """Profiles of ``user_ids`` (an empty profile, version 0, for an unknown user)."""
+        """Profiles of ``user_ids``: an empty one (version 0) for an unknown user, one keeping only
+        ``applied`` (and the stored version) for a forgotten one. An unreadable record gives an
+        empty profile with ``reset`` set to the reason."""
 
     @abc.abstractmethod
-    async def applied(self, user_ids_event_ids: Sequence[tuple[str, str]]) -> list[bool]:
-        """For each (user_id, event_id): was that event already applied to that user?"""
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        """Store each write whose expected version still holds (one round trip for all); for each,
+        True if written (its profile's ``version`` is updated), False if the stored one changed."""
 
     @abc.abstractmethod
-    async def commit(self, profile: Profile, expected_version: int, new_seen: Iterable[str],
-                     event_ids: Sequence[str]) -> int:
-        """Write ``profile`` if its stored version is still ``expected_version`` and none of
-        ``event_ids`` was applied; returns the new version. Raises :class:`ConflictError`."""
+    async def apply(self, effects: Effects) -> None:
+        """Apply per-item effects and stats, each (source, offset) at most once, ever."""
 
     @abc.abstractmethod
-    async def forget(self, user_id: str) -> None:
-        """Delete everything kept about ``user_id``."""
-
-    @abc.abstractmethod
-    async def bump_popularity(self, updates: Sequence[PopularityUpdate]) -> None:
-        """Add decayed click weight to items, globally and per scene."""
-
-    @abc.abstractmethod
-    async def bump_cooccurrence(self, clicks: Sequence[CoClick]) -> None:
-        """Count each clicked item once more, and each (item, earlier click) pair once more in
-        both directions; each item keeps its ``cooccur_keep`` most frequent partners."""
+    async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
+        """Catalog numbers of ``item_ids``: dense, assigned once per item, never reused."""
 
     @abc.abstractmethod
     async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
-        """For each of ``item_ids``, up to ``n`` items most often clicked by the same users, each
-        with its co-click count over sqrt(clicks of one * clicks of the other), best first."""
+        """For each of ``item_ids``, up to ``n`` items most often clicked by the same users (decayed
+        in event time), each with its co-click weight over sqrt(clicks of one * clicks of the
+        other), best first."""
 
     @abc.abstractmethod
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
@@ -88,8 +114,8 @@ class ProfileStore(abc.ABC):
         """Register catalog items as (item_id, timestamp, category)."""
 
     @abc.abstractmethod
-    async def remove_items(self, item_ids: Sequence[str], scenes: Sequence[str]) -> None:
-        """Forget deleted items in popularity and newest lists."""
+    async def remove_items(self, item_ids: Sequence[str]) -> None:
+        """Forget deleted or unavailable items in popularity, co-clicks and newest lists."""
 
     @abc.abstractmethod
     async def newest(self, n: int) -> list[tuple[str, float]]:
@@ -100,74 +126,28 @@ class ProfileStore(abc.ABC):
         """How many categories the catalog has."""
 
     @abc.abstractmethod
-    async def incr_stats(self, counts: dict[str, int]) -> None:
-        """Add to the worker counters."""
+    async def catalog_progress(self) -> dict[int, int]:
+        """Per catalog partition, the last offset whose items are indexed."""
+
+    @abc.abstractmethod
+    async def set_catalog_progress(self, progress: dict[int, int]) -> None:
+        """Record indexed catalog offsets (a position never moves back)."""
 
     @abc.abstractmethod
     async def stats(self) -> dict[str, int]:
-        """The worker counters."""
+        """The worker counters, summed over shards."""
+
+    async def memory_usage(self, user_id: str) -> int:
+        """Bytes that the store spends on ``user_id`` (0 where it cannot tell)."""
+        return 0
 
     async def close(self) -> None:
         """Release connections."""
 
 
-# -- encoding of a profile into flat fields -------------------------------------------------------
-
-def encode_profile(p: Profile) -> dict[str, bytes]:
-    """The hash fields of a profile (the seen set and version are kept apart)."""
-    meta = {
-        "interest": p.interest, "history": p.history, "clicks": p.clicks, "queries": p.queries,
-        "last_time": p.last_time, "scenes": sorted(p.scenes), "intent_strength": p.intent_strength,
-        "explainers": [{"kind": e.kind, "label": e.label, "ref": e.ref} for e in p.explainers],
-    }
-    fields = {"meta": json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()}
-    if p.long is not None:
-        fields["long"] = p.long.astype(np.float32).tobytes()
-    if p.short is not None:
-        fields["short"] = p.short.astype(np.float32).tobytes()
-    if p.intent is not None:
-        fields["intent"] = p.intent.astype(np.float32).tobytes()
-    for scene, v in p.scenes.items():
-        fields["sc:" + scene] = v.astype(np.float32).tobytes()
-    if p.explainers:
-        fields["ex"] = np.stack([e.vector for e in p.explainers]).astype(np.float16).tobytes()
-    return fields
-
-
-def decode_profile(user_id: str, fields: dict[bytes | str, bytes], seen: Iterable[bytes | str]) -> Profile:
-    """Inverse of :func:`encode_profile`."""
-    f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
-    p = Profile(user_id=user_id, version=int(f.get("v", 0) or 0))
-    p.seen = {s.decode() if isinstance(s, bytes) else s for s in seen}
-    if "meta" not in f:
-        return p
-    meta = json.loads(f["meta"])
-    p.interest = {k: float(v) for k, v in meta["interest"].items()}
-    p.history = meta["history"]
-    p.clicks, p.queries, p.last_time = meta["clicks"], meta["queries"], meta["last_time"]
-    if "long" in f:
-        p.long = np.frombuffer(f["long"], dtype=np.float32).copy()
-    if "short" in f:
-        p.short = np.frombuffer(f["short"], dtype=np.float32).copy()
-    if "intent" in f:
-        p.intent = np.frombuffer(f["intent"], dtype=np.float32).copy()
-        p.intent_strength = float(meta.get("intent_strength", 0.0))
-    for scene in meta["scenes"]:
-        p.scenes[scene] = np.frombuffer(f["sc:" + scene], dtype=np.float32).copy()
-    if meta["explainers"]:
-        vecs = np.frombuffer(f["ex"], dtype=np.float16).astype(np.float32).reshape(len(meta["explainers"]), -1)
-        p.explainers = [Explainer(e["kind"], e["label"], e["ref"], v) for e, v in zip(meta["explainers"], vecs)]
-    return p
-
-
-def cooccur_pairs(clicks: Sequence[CoClick]) -> list[tuple[str, str]]:
-    """The (a, b) increments of ``clicks``, both directions, never an item with itself."""
-    out = []
-    for c in clicks:
-        for prev in dict.fromkeys(c.previous):
-            if prev != c.item_id:
-                out += [(c.item_id, prev), (prev, c.item_id)]
-    return out
+def shard_of(key: str, shards: int) -> int:
+    """The shard of an item (or of a source's stats): stable across processes and versions."""
+    return zlib.crc32(key.encode()) % shards
 
 
 def normalised_cooccurrence(rows: dict[str, list[tuple[str, float]]], counts: dict[str, float],
@@ -188,21 +168,33 @@ def decayed_weight(timestamp: float, reference: float, halflife_s: float, weight
     return weight * math.pow(2.0, (timestamp - reference) / halflife_s)
 
 
-def open_profile_store(url: str, key_prefix: str = "streamrec", *, dedupe_window: int = 10_000,
-                       popularity_halflife_s: float = 6 * 3600.0, cooccur_keep: int = 200,
+@dataclass(frozen=True)
+class StoreOptions:
+    """Tunables of a profile store (the settings hold them for a worker)."""
+
+    shards: int = 16  # shards of per-item state (and of stats)
+    popularity_halflife_s: float = 6 * 3600.0
+    cooccur_halflife_s: float = 30 * 86400.0
+    cooccur_keep: int = 200  # co-clicked partners kept per item (the strongest, decayed)
+    popular_keep: int = 5000  # items kept per shard in each popularity list (the most popular)
+    forget_ttl_s: float = 7 * 86400.0  # how long a forgotten user's tombstone recognises redeliveries
+    wait_replicas: int = 0  # writes wait for this many replicas (Redis WAIT) before a batch is acked
+    newest_keep: int = 10_000
+
+
+def open_profile_store(url: str, key_prefix: str = "streamrec", options: StoreOptions = StoreOptions(),
                        redis_options: Optional[dict] = None) -> ProfileStore:
-    """The profile store for ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``memory://``);
-    ``redis_options`` are further redis-py arguments (credentials, TLS files)."""
+    """The profile store for ``url``: ``redis://``, ``rediss://``, ``unix://`` (one Redis),
+    ``redis+cluster://host:port[,host:port]`` (a Redis Cluster; ``rediss+cluster://`` for TLS) or
+    ``memory://``; ``redis_options`` are further redis-py arguments (credentials, TLS files)."""
     scheme = url.split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
         from streams.stores.redis_profiles import RedisProfileStore
 
-        return RedisProfileStore(url, key_prefix, dedupe_window=dedupe_window,
-                                 popularity_halflife_s=popularity_halflife_s, cooccur_keep=cooccur_keep,
-                                 options=redis_options)
+        return RedisProfileStore(url, key_prefix, options, redis_options=redis_options)
     if scheme == "memory":
         from streams.stores.memory_profiles import MemoryProfileStore
 
-        return MemoryProfileStore(dedupe_window=dedupe_window, popularity_halflife_s=popularity_halflife_s,
-                                  cooccur_keep=cooccur_keep)
-    raise ValueError(f"no profile store for URL scheme {scheme!r} (use redis://, rediss://, unix:// or memory://)")
+        return MemoryProfileStore(options)
+    raise ValueError(f"no profile store for URL scheme {scheme!r} (use redis://, rediss://, unix://, "
+                     f"redis+cluster:// or memory://)")

@@ -1,251 +1,521 @@
-"""The Redis profile store.
+"""The Redis profile store: one Redis server or a Redis Cluster.
 
-Keys (``P`` is the key prefix; ``{u:ID}`` is a hash tag, so one user's keys share a cluster slot):
-``P:{u:ID}:p`` hash of profile fields and version ``v``; ``P:{u:ID}:seen`` set of seen items;
-``P:{u:ID}:ev`` sorted set of applied event ids (the last ``dedupe_window``);
-``P:pop`` / ``P:pop:s:<scene>`` decayed popularity; ``P:co:<item>`` sorted set of the items
-clicked by the same users and ``P:clicks`` clicks per item; ``P:new`` newest items; ``P:cats``
-categories; ``P:stats`` counters.
+Keys (``P`` is the key prefix; ``{...}`` is a hash tag, so the keys of one script share a slot):
+
+- ``P:{u:ID}``: the user's record (``streams.stores.codec``); a forgotten user's tombstone expires.
+- Shard ``k`` of per-item state (``k = crc32(item) % shards``; stats by source):
+  ``P:{s:k}:m`` hash of watermarks ``w:<source>``, decay references and the scenes it tracks;
+  ``P:{s:k}:pop`` and ``P:{s:k}:pop:<scene>`` decayed popularity; ``P:{s:k}:n`` decayed clicks per
+  item; ``P:{s:k}:co:<item>`` decayed co-clicks of an item; ``P:{s:k}:stats`` counters.
+- Catalog: ``P:{cat}:no`` catalog numbers, ``P:{cat}:m`` next number and indexed positions,
+  ``P:{cat}:new`` newest items, ``P:{cat}:cats`` categories.
+
+Every script declares every key it touches. No key is written by every worker: a worker writes
+its users' records and the shards its clicks fall in.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import logging
+import math
+import struct
+from typing import Any, Optional, Sequence
+from urllib.parse import urlsplit
 
 from models.profile import Profile
-from streams.stores.profiles import (STAT_FIELDS, CoClick, ConflictError, PopularityUpdate, ProfileStore,
-                                     cooccur_pairs, decode_profile, encode_profile, normalised_cooccurrence)
+from streams.stores import codec
+from streams.stores.profiles import (DELIVERY_STATS, STAT_FIELDS, Effects, ProfileStore, StoreOptions, Write,
+                                     normalised_cooccurrence, shard_of)
 
-# KEYS: profile hash, seen set, applied-events zset.
-# ARGV: expected version, dedupe window, #fields, #seen, #events, field/value pairs, seen ids, event ids.
+log = logging.getLogger("streamrec.store")
+
+# KEYS[1]: the user's record. ARGV: expected version (4 bytes, '' for none), record, ttl ms, replace.
 _COMMIT = """
-local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if v ~= tonumber(ARGV[1]) then return -1 end
-local nf, ns, ne = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local base = 6
-local ev0 = base + 2 * nf + ns
-for j = 0, ne - 1 do
-  if redis.call('ZSCORE', KEYS[3], ARGV[ev0 + j]) then return -2 end
+if ARGV[4] ~= '1' then
+  local t = redis.call('TYPE', KEYS[1])['ok']
+  if t == 'none' then
+    if ARGV[1] ~= '' then return 0 end
+  elseif t ~= 'string' or redis.call('GETRANGE', KEYS[1], 3, 6) ~= ARGV[1] then
+    return 0
+  end
 end
-for j = 0, nf - 1 do
-  redis.call('HSET', KEYS[1], ARGV[base + 2 * j], ARGV[base + 2 * j + 1])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
 end
-for j = 0, ns - 1 do
-  redis.call('SADD', KEYS[2], ARGV[base + 2 * nf + j])
-end
-local seq = redis.call('HINCRBY', KEYS[1], 'evseq', ne)
-for j = 0, ne - 1 do
-  redis.call('ZADD', KEYS[3], seq - ne + j + 1, ARGV[ev0 + j])
-end
-redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[2]) + 1))
-redis.call('HSET', KEYS[1], 'v', v + 1)
-return v + 1
+return 1
 """
 
-# KEYS: reference-time key, global popularity key. ARGV: halflife, scene key prefix, then
-# (item, scene or '', timestamp, weight) quadruples. Scores are weight * 2^((t - ref) / halflife);
-# when that exponent grows past 64 every score is rescaled and the reference moves forward.
-_BUMP = """
-local half = tonumber(ARGV[1])
-local ref = tonumber(redis.call('GET', KEYS[1]) or '')
-local function rescale(key, factor)
-  local rows = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  for i = 1, #rows, 2 do
-    redis.call('ZADD', key, tonumber(rows[i + 1]) * factor, rows[i])
+# One shard's effects. KEYS: meta, pop, n, stats, then the scene zsets, then the co-click zsets.
+# ARGV: pop halflife, co halflife, co keep, pop keep, #scenes, #co keys, then ops of 7:
+#   'p' source offset item scene# t w   popularity (+ scene's) and the item's click count
+#   'c' source offset partner co# t -   a co-click of the co# key's item with partner
+#   's' source offset field - n -       a stat ('r': a stat counted per delivery)
+# An op is applied only if its offset is past the shard's watermark for its source.
+# Returns 'rescale' or 'rescale_co' (nothing applied) when a decay reference must move first.
+_APPLY = """
+local m = KEYS[1]
+local hp, hc = tonumber(ARGV[1]), tonumber(ARGV[2])
+local keep_co, keep_pop = tonumber(ARGV[3]), tonumber(ARGV[4])
+local ns, nc = tonumber(ARGV[5]), tonumber(ARGV[6])
+local first = 7
+local ref = tonumber(redis.call('HGET', m, 'ref') or '')
+local cref = tonumber(redis.call('HGET', m, 'cref') or '')
+for i = first, #ARGV, 7 do
+  local kind, t = ARGV[i], tonumber(ARGV[i + 5])
+  if kind == 'p' or kind == 'c' then
+    if not ref then ref = t; redis.call('HSET', m, 'ref', t) end
+    if not cref then cref = t; redis.call('HSET', m, 'cref', t) end
+    if (t - ref) / hp > 64 then return 'rescale' end
+    if (t - cref) / hc > 900 then return 'rescale_co' end
   end
 end
-for i = 3, #ARGV, 4 do
-  local item, scene, t, w = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  if not ref then
-    ref = t
-    redis.call('SET', KEYS[1], ref)
+local wm, new = {}, {}
+local function fresh(src, off)
+  if wm[src] == nil then wm[src] = tonumber(redis.call('HGET', m, 'w:' .. src) or '-1') end
+  if off <= wm[src] then return false end
+  if (new[src] or -1) < off then new[src] = off end
+  return true
+end
+local touched_pop, touched_co = {}, {}
+local clicks, pairs_ = 0, 0
+for i = first, #ARGV, 7 do
+  local kind, src, off = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  if kind == 'r' then
+    redis.call('HINCRBY', KEYS[4], ARGV[i + 3], ARGV[i + 5])
+  elseif fresh(src, off) then
+    if kind == 'p' then
+      local item, si, t, w = ARGV[i + 3], tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+      local s = w * math.pow(2, (t - ref) / hp)
+      redis.call('ZINCRBY', KEYS[2], s, item)
+      touched_pop[KEYS[2]] = true
+      if si > 0 then
+        redis.call('ZINCRBY', KEYS[4 + si], s, item)
+        touched_pop[KEYS[4 + si]] = true
+      end
+      redis.call('HINCRBYFLOAT', KEYS[3], item, math.pow(2, (t - cref) / hc))
+      clicks = clicks + 1
+    elseif kind == 'c' then
+      local key = KEYS[4 + ns + tonumber(ARGV[i + 4])]
+      redis.call('ZINCRBY', key, math.pow(2, (tonumber(ARGV[i + 5]) - cref) / hc), ARGV[i + 3])
+      touched_co[key] = true
+      pairs_ = pairs_ + 1
+    else
+      redis.call('HINCRBY', KEYS[4], ARGV[i + 3], ARGV[i + 5])
+    end
   end
-  local e = (t - ref) / half
-  if e > 64 then
-    local shift = math.floor(e)
-    local factor = math.pow(2, -shift)
-    rescale(KEYS[2], factor)
-    for _, sk in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':scenes')) do rescale(sk, factor) end
-    ref = ref + shift * half
-    redis.call('SET', KEYS[1], ref)
-    e = (t - ref) / half
+end
+for key in pairs(touched_pop) do redis.call('ZREMRANGEBYRANK', key, 0, -(keep_pop + 1)) end
+for key in pairs(touched_co) do redis.call('ZREMRANGEBYRANK', key, 0, -(keep_co + 1)) end
+for src, off in pairs(new) do redis.call('HSET', m, 'w:' .. src, off) end
+if clicks > 0 then redis.call('HINCRBY', m, 'clicks', clicks) end
+if pairs_ > 0 then redis.call('HINCRBY', m, 'pairs', pairs_) end
+return 'ok'
+"""
+
+# Move a decay reference forward. KEYS: meta, then every zset or hash scored against it.
+# ARGV: the reference field ('ref' or 'cref'), the new reference, the factor.
+_RESCALE = """
+local f = tonumber(ARGV[3])
+for i = 2, #KEYS do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t == 'zset' then
+    local rows = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+    for j = 1, #rows, 2 do redis.call('ZADD', KEYS[i], tonumber(rows[j + 1]) * f, rows[j]) end
+  elseif t == 'hash' then
+    local rows = redis.call('HGETALL', KEYS[i])
+    for j = 1, #rows, 2 do redis.call('HSET', KEYS[i], rows[j], tonumber(rows[j + 1]) * f) end
   end
-  local s = w * math.pow(2, e)
-  redis.call('ZINCRBY', KEYS[2], s, item)
-  if scene ~= '' then
-    local sk = ARGV[2] .. scene
-    redis.call('SADD', KEYS[1] .. ':scenes', sk)
-    redis.call('ZINCRBY', sk, s, item)
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: numbers hash, catalog meta. ARGV: item ids. Returns their numbers.
+_NUMBER = """
+local out = {}
+for i = 1, #ARGV do
+  local n = redis.call('HGET', KEYS[1], ARGV[i])
+  if not n then
+    n = redis.call('HINCRBY', KEYS[2], 'next', 1) - 1
+    redis.call('HSET', KEYS[1], ARGV[i], n)
+  end
+  out[i] = tonumber(n)
+end
+return out
+"""
+
+# KEYS: catalog meta. ARGV: (partition, offset) pairs; a position never moves back.
+_PROGRESS = """
+for i = 1, #ARGV, 2 do
+  local f = 'pos:' .. ARGV[i]
+  if tonumber(redis.call('HGET', KEYS[1], f) or '-1') < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], f, ARGV[i + 1])
   end
 end
 return 1
 """
 
-
-# KEYS: clicks-per-item hash. ARGV: partners kept per item, co-click key prefix, #clicked items,
-# the clicked items, then (a, b) pairs.
-_CO = """
-local keep, prefix, m = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-for i = 4, 3 + m do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
-local touched = {}
-for i = 4 + m, #ARGV, 2 do
-  local key = prefix .. ARGV[i]
-  redis.call('ZINCRBY', key, 1, ARGV[i + 1])
-  touched[key] = true
+# Remove items from one shard. KEYS: pop, n, scene zsets..., co zsets of the items...
+# ARGV: #scene zsets, then the items.
+_REMOVE = """
+local ns = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  for s = 1, ns do redis.call('ZREM', KEYS[2 + s], ARGV[i]) end
 end
-for key in pairs(touched) do redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
+for k = 3 + ns, #KEYS do redis.call('DEL', KEYS[k]) end
 return 1
 """
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower().endswith("+cluster")
+
+
+def connect(url: str, *, asyncio: bool = True, **options: Any):
+    """A redis-py client for ``url``: ``redis+cluster://h:p[,h:p]`` (``rediss+cluster://``) gives a
+    cluster client, anything else ``from_url``."""
+    if is_cluster_url(url):
+        if asyncio:
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+        else:
+            from redis.cluster import ClusterNode, RedisCluster  # type: ignore[assignment]
+        parts = urlsplit(url.replace("+cluster", "", 1))
+        nodes = []
+        for hp in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hp.rpartition(":")
+            nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+        if parts.username and "username" not in options:
+            options["username"] = parts.username
+        if parts.password and "password" not in options:
+            options["password"] = parts.password
+        if parts.scheme == "rediss":
+            options.setdefault("ssl", True)
+        return RedisCluster(startup_nodes=nodes, **options)
+    if asyncio:
+        import redis.asyncio as aioredis
+
+        return aioredis.from_url(url, **options)
+    import redis
+
+    return redis.Redis.from_url(url, **options)
 
 
 class RedisProfileStore(ProfileStore):
-    """Profiles in Redis (``redis://``, ``rediss://`` for TLS, ``unix://``); credentials in the URL
-    or in ``options`` (redis-py arguments: ``username``, ``password``, ``ssl_ca_certs`` ...)."""
+    """Profiles and per-item state in Redis; credentials in the URL or in ``redis_options``
+    (redis-py arguments: ``username``, ``password``, ``ssl_ca_certs`` ...)."""
 
-    def __init__(self, url: str, key_prefix: str, *, dedupe_window: int = 10_000,
-                 popularity_halflife_s: float = 6 * 3600.0, cooccur_keep: int = 200,
-                 options: Optional[dict] = None) -> None:
-        import redis.asyncio as aioredis
+    def __init__(self, url: str, key_prefix: str, options: StoreOptions = StoreOptions(), *,
+                 redis_options: Optional[dict] = None) -> None:
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
 
-        self.url = url
-        self.prefix = key_prefix
-        self.dedupe_window = dedupe_window
-        self.halflife = popularity_halflife_s
-        self.cooccur_keep = cooccur_keep
-        self.redis = aioredis.from_url(url, decode_responses=False, socket_timeout=30,
-                                       retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 5), **(options or {}))
+        self.url, self.prefix, self.o = url, key_prefix, options
+        self.cluster = is_cluster_url(url)
+        extra: dict = {"retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), 5)}
+        self.redis = connect(url, decode_responses=False, socket_timeout=30, **extra, **(redis_options or {}))
         self._commit = self.redis.register_script(_COMMIT)
-        self._bump = self.redis.register_script(_BUMP)
-        self._co = self.redis.register_script(_CO)
+        self._apply = self.redis.register_script(_APPLY)
+        self._rescale = self.redis.register_script(_RESCALE)
+        self._number = self.redis.register_script(_NUMBER)
+        self._progress = self.redis.register_script(_PROGRESS)
+        self._remove = self.redis.register_script(_REMOVE)
 
-    def _user(self, user_id: str) -> tuple[str, str, str]:
-        base = f"{self.prefix}:{{u:{user_id}}}"
-        return base + ":p", base + ":seen", base + ":ev"
+    # -- keys ----------------------------------------------------------------------------------
+
+    def user_key(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}"
+
+    def shard_key(self, k: int, name: str) -> str:
+        return f"{self.prefix}:{{s:{k}}}:{name}"
+
+    def cat_key(self, name: str) -> str:
+        return f"{self.prefix}:{{cat}}:{name}"
+
+    def _shard(self, key: str) -> int:
+        return shard_of(key, self.o.shards)
+
+    # -- profiles ------------------------------------------------------------------------------
 
     async def load(self, user_ids: Sequence[str]) -> dict[str, Profile]:
         ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for u in ids:
-                p, seen, _ = self._user(u)
-                pipe.hgetall(p)
-                pipe.smembers(seen)
-            rows = await pipe.execute()
-        return {u: decode_profile(u, rows[2 * i], rows[2 * i + 1]) for i, u in enumerate(ids)}
+                pipe.get(self.user_key(u))
+            rows = await pipe.execute(raise_on_error=False)
+        out = {}
+        for u, raw in zip(ids, rows, strict=True):
+            if isinstance(raw, Exception):
+                if "WRONGTYPE" not in str(raw):
+                    raise raw
+                out[u] = Profile(user_id=u, reset=f"key {self.user_key(u)} holds another type, not a profile record")
+            elif raw is None:
+                out[u] = Profile(user_id=u)
+            else:
+                try:
+                    p, forgotten = codec.decode(u, raw)
+                except codec.CorruptProfile as exc:
+                    out[u] = Profile(user_id=u, reset=str(exc))
+                    continue
+                out[u] = Profile(user_id=u, version=p.version, applied=p.applied) if forgotten else p
+        return out
 
-    async def applied(self, user_ids_event_ids: Sequence[tuple[str, str]]) -> list[bool]:
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        if not writes:
+            return []
+        records = []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for u, e in user_ids_event_ids:
-                pipe.zscore(self._user(u)[2], e)
+            for w in writes:
+                version = w.expected % 0xFFFFFFFF + 1
+                records.append(version)
+                ttl = int(self.o.forget_ttl_s * 1000) if w.forgotten else 0
+                await self._commit(keys=[self.user_key(w.profile.user_id)],
+                                   args=[struct.pack("<I", w.expected) if w.expected else b"",
+                                         codec.encode(w.profile, version, forgotten=w.forgotten), ttl,
+                                         1 if w.replace else 0], client=pipe)
             rows = await pipe.execute()
-        return [r is not None for r in rows]
+        done = []
+        for w, version, ok in zip(writes, records, rows, strict=True):
+            if int(ok) == 1:
+                w.profile.version = version
+            done.append(int(ok) == 1)
+        await self._wait(writes[0].profile.user_id)
+        return done
 
-    async def commit(self, profile: Profile, expected_version: int, new_seen: Iterable[str],
-                     event_ids: Sequence[str]) -> int:
-        fields = encode_profile(profile)
-        seen = list(new_seen)
-        args: list = [expected_version, self.dedupe_window, len(fields), len(seen), len(event_ids)]
-        for k, v in fields.items():
-            args += [k, v]
-        args += seen
-        args += list(event_ids)
-        result = int(await self._commit(keys=list(self._user(profile.user_id)), args=args))
-        if result == -1:
-            raise ConflictError(f"profile of {profile.user_id!r} changed since version {expected_version}")
-        if result == -2:
-            raise ConflictError(f"an event of {profile.user_id!r} was applied concurrently")
-        profile.version = result
-        return result
-
-    async def forget(self, user_id: str) -> None:
-        await self.redis.delete(*self._user(user_id))
-
-    async def bump_cooccurrence(self, clicks: Sequence[CoClick]) -> None:
-        if not clicks:
+    async def _wait(self, key_hint: str) -> None:
+        """Wait for replicas to hold the writes just made (``wait_replicas``)."""
+        if self.o.wait_replicas <= 0:
             return
-        pairs = cooccur_pairs(clicks)
-        args: list = [self.cooccur_keep, f"{self.prefix}:co:", len(clicks), *(c.item_id for c in clicks)]
-        for a, b in pairs:
-            args += [a, b]
-        await self._co(keys=[f"{self.prefix}:clicks"], args=args)
+        if self.cluster:
+            nodes = self.redis.get_primaries()
+            for node in nodes:
+                await self.redis.execute_command("WAIT", self.o.wait_replicas, 5000, target_nodes=node)
+        else:
+            await self.redis.execute_command("WAIT", self.o.wait_replicas, 5000)
+
+    # -- per-item state ------------------------------------------------------------------------
+
+    async def apply(self, effects: Effects) -> None:
+        S = self.o.shards
+        shards: dict[int, dict] = {}
+
+        def shard(k: int) -> dict:
+            return shards.setdefault(k, {"scenes": {}, "co": {}, "ops": []})
+
+        for source, offset, c in effects.clicks:
+            sh = shard(self._shard(c.item_id))
+            si = 0
+            if c.scene:
+                si = sh["scenes"].setdefault(c.scene, len(sh["scenes"]) + 1)
+            sh["ops"] += ["p", source, offset, c.item_id, si, repr(float(c.timestamp)), repr(float(c.weight))]
+            for prev in dict.fromkeys(c.previous):
+                if prev == c.item_id:
+                    continue
+                for a, b in ((c.item_id, prev), (prev, c.item_id)):
+                    sa = shard(self._shard(a))
+                    ci = sa["co"].setdefault(a, len(sa["co"]) + 1)
+                    sa["ops"] += ["c", source, offset, b, ci, repr(float(c.timestamp)), 0]
+        for source, offset, name, n in effects.stats:
+            kind = "r" if name in DELIVERY_STATS else "s"
+            shard(self._shard(source))["ops"] += [kind, source, offset, name, 0, n, 0]
+        pending = {k: sh for k, sh in shards.items() if sh["ops"]}
+        for _attempt in range(4):
+            if not pending:
+                break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                order = list(pending)
+                for k in order:
+                    sh = pending[k]
+                    keys = [self.shard_key(k, "m"), self.shard_key(k, "pop"), self.shard_key(k, "n"),
+                            self.shard_key(k, "stats"),
+                            *(self.shard_key(k, "pop:" + s) for s in sh["scenes"]),
+                            *(self.shard_key(k, "co:" + i) for i in sh["co"])]
+                    args = [self.o.popularity_halflife_s, self.o.cooccur_halflife_s, self.o.cooccur_keep,
+                            self.o.popular_keep, len(sh["scenes"]), len(sh["co"]), *sh["ops"]]
+                    await self._apply(keys=keys, args=args, client=pipe)
+                    if sh["scenes"]:
+                        pipe.hset(self.shard_key(k, "m"), mapping={"s:" + s: 1 for s in sh["scenes"]})
+                rows = await pipe.execute()
+            results = [r for r in rows if isinstance(r, bytes)]
+            again = {}
+            for k, r in zip(order, results, strict=True):
+                if r in (b"rescale", b"rescale_co"):
+                    await self._rescale_shard(k, pending[k], co=r == b"rescale_co")
+                    again[k] = pending[k]
+            pending = again
+        if pending:
+            raise RuntimeError(f"shards {sorted(pending)} kept asking for a new decay reference")
+        await self._wait("")
+
+    async def _rescale_shard(self, k: int, sh: dict, co: bool) -> None:
+        """Move shard ``k``'s popularity (or co-click) reference up to the batch's latest time."""
+        meta = await self.redis.hgetall(self.shard_key(k, "m"))
+        meta = {a.decode(): b for a, b in meta.items()}
+        times = [float(sh["ops"][i + 5]) for i in range(0, len(sh["ops"]), 7) if sh["ops"][i] in ("p", "c")]
+        field, half = ("cref", self.o.cooccur_halflife_s) if co else ("ref", self.o.popularity_halflife_s)
+        ref = float(meta[field])
+        shift = math.floor((max(times) - ref) / half) - 1
+        if shift <= 0:
+            return
+        if co:
+            items = [i.decode() for i in await self.redis.hkeys(self.shard_key(k, "n"))]
+            keys = [self.shard_key(k, "n"), *(self.shard_key(k, "co:" + i) for i in items)]
+        else:
+            scenes = [f[2:] for f in meta if f.startswith("s:")]
+            keys = [self.shard_key(k, "pop"), *(self.shard_key(k, "pop:" + s) for s in scenes)]
+        log.info("shard %d: moving the %s reference forward by %d half-lives", k, field, shift)
+        await self._rescale(keys=[self.shard_key(k, "m"), *keys],
+                            args=[field, repr(ref + shift * half), repr(math.pow(2.0, -shift))])
+
+    async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
+        ids = list(dict.fromkeys(item_ids))
+        if not ids:
+            return {}
+        nums = await self._number(keys=[self.cat_key("no"), self.cat_key("m")], args=ids)
+        return {i: int(n) for i, n in zip(ids, nums, strict=True)}
 
     async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
         item_ids = list(dict.fromkeys(item_ids))
         if not item_ids:
             return {}
+        shards = sorted({self._shard(a) for a in item_ids})
         async with self.redis.pipeline(transaction=False) as pipe:
             for a in item_ids:
-                pipe.zrevrange(f"{self.prefix}:co:{a}", 0, -1, withscores=True)
-            raw = await pipe.execute()
-        rows = {a: [(b.decode(), float(c)) for b, c in r] for a, r in zip(item_ids, raw, strict=True)}
+                pipe.zrevrange(self.shard_key(self._shard(a), "co:" + a), 0, -1, withscores=True)
+            rows_raw = await pipe.execute()
+        rows = {a: [(b.decode(), float(c)) for b, c in r] for a, r in zip(item_ids, rows_raw, strict=True)}
         names = list({*item_ids, *(b for r in rows.values() for b, _ in r)})
-        got = await self.redis.hmget(f"{self.prefix}:clicks", names)
-        counts = {k: float(v) for k, v in zip(names, got, strict=True) if v is not None}
+        by_shard: dict[int, list[str]] = {}
+        for x in names:
+            by_shard.setdefault(self._shard(x), []).append(x)
+        shards = sorted(set(by_shard) | set(shards))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for k in shards:
+                pipe.hget(self.shard_key(k, "m"), "cref")
+            for k, xs in by_shard.items():
+                pipe.hmget(self.shard_key(k, "n"), xs)
+            got = await pipe.execute()
+        crefs = {k: float(v) for k, v in zip(shards, got[: len(shards)]) if v is not None}
+        if not crefs:
+            return {a: [] for a in item_ids}
+        base = max(crefs.values())
+        scale = {k: math.pow(2.0, (r - base) / self.o.cooccur_halflife_s) for k, r in crefs.items()}
+        counts: dict[str, float] = {}
+        for (k, xs), vals in zip(by_shard.items(), got[len(shards):], strict=True):
+            for x, v in zip(xs, vals, strict=True):
+                if v is not None and k in scale:
+                    counts[x] = float(v) * scale[k]
+        rows = {a: [(b, c * scale.get(self._shard(a), 0.0)) for b, c in r] for a, r in rows.items()}
         return normalised_cooccurrence(rows, counts, n)
 
-    async def bump_popularity(self, updates: Sequence[PopularityUpdate]) -> None:
-        if not updates:
-            return
-        args: list = [self.halflife, f"{self.prefix}:pop:s:"]
-        for u in updates:
-            args += [u.item_id, u.scene or "", repr(float(u.timestamp)), repr(float(u.weight))]
-        await self._bump(keys=[f"{self.prefix}:pop:ref", f"{self.prefix}:pop"], args=args)
-
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
-        key = f"{self.prefix}:pop"
-        if scene:
-            skey = f"{self.prefix}:pop:s:{scene}"
-            if await self.redis.zcard(skey) >= n:
-                key = skey
-        rows = await self.redis.zrevrange(key, 0, n - 1, withscores=True)
-        return [(k.decode(), float(s)) for k, s in rows]
+        S = self.o.shards
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for k in range(S):
+                pipe.hget(self.shard_key(k, "m"), "ref")
+                pipe.zrevrange(self.shard_key(k, "pop"), 0, n - 1, withscores=True)
+                if scene:
+                    pipe.zrevrange(self.shard_key(k, "pop:" + scene), 0, n - 1, withscores=True)
+            rows = await pipe.execute()
+        step = 3 if scene else 2
+        refs = [float(rows[k * step]) if rows[k * step] is not None else None for k in range(S)]
+        known = [r for r in refs if r is not None]
+        if not known:
+            return []
+        base = max(known)
+        merged_global: list[tuple[str, float]] = []
+        merged_scene: list[tuple[str, float]] = []
+        for k in range(S):
+            if refs[k] is None:
+                continue
+            f = math.pow(2.0, (refs[k] - base) / self.o.popularity_halflife_s)
+            merged_global += [(i.decode(), s * f) for i, s in rows[k * step + 1]]
+            if scene:
+                merged_scene += [(i.decode(), s * f) for i, s in rows[k * step + 2]]
+        table = merged_scene if scene and len(merged_scene) >= n else merged_global
+        table.sort(key=lambda kv: (-kv[1], kv[0]))
+        return table[:n]
+
+    # -- catalog -------------------------------------------------------------------------------
 
     async def add_items(self, items: Sequence[tuple[str, float, str]]) -> None:
         if not items:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(f"{self.prefix}:new", {i: t for i, t, _ in items})
+            pipe.zadd(self.cat_key("new"), {i: t for i, t, _ in items})
+            pipe.zremrangebyrank(self.cat_key("new"), 0, -(self.o.newest_keep + 1))
             cats = {c for _, _, c in items if c}
             if cats:
-                pipe.sadd(f"{self.prefix}:cats", *cats)
+                pipe.sadd(self.cat_key("cats"), *cats)
             await pipe.execute()
 
-    async def remove_items(self, item_ids: Sequence[str], scenes: Sequence[str]) -> None:
+    async def remove_items(self, item_ids: Sequence[str]) -> None:
         if not item_ids:
             return
-        scene_keys = await self.redis.smembers(f"{self.prefix}:pop:ref:scenes")
+        by_shard: dict[int, list[str]] = {}
+        for i in dict.fromkeys(item_ids):
+            by_shard.setdefault(self._shard(i), []).append(i)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key in [f"{self.prefix}:new", f"{self.prefix}:pop", *(k.decode() for k in scene_keys)]:
-                pipe.zrem(key, *item_ids)
-            # an item without a click count is never a co-click candidate
-            pipe.hdel(f"{self.prefix}:clicks", *item_ids)
-            pipe.delete(*(f"{self.prefix}:co:{i}" for i in item_ids))
+            for k in by_shard:
+                pipe.hkeys(self.shard_key(k, "m"))
+            metas = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.cat_key("new"), *item_ids)
+            for (k, ids), fields in zip(by_shard.items(), metas, strict=True):
+                scenes = [f.decode()[2:] for f in fields if f.startswith(b"s:")]
+                keys = [self.shard_key(k, "pop"), self.shard_key(k, "n"),
+                        *(self.shard_key(k, "pop:" + s) for s in scenes), *(self.shard_key(k, "co:" + i) for i in ids)]
+                await self._remove(keys=keys, args=[len(scenes), *ids], client=pipe)
             await pipe.execute()
 
     async def newest(self, n: int) -> list[tuple[str, float]]:
-        rows = await self.redis.zrevrange(f"{self.prefix}:new", 0, n - 1, withscores=True)
+        rows = await self.redis.zrevrange(self.cat_key("new"), 0, n - 1, withscores=True)
         return [(k.decode(), float(s)) for k, s in rows]
 
     async def category_count(self) -> int:
-        return int(await self.redis.scard(f"{self.prefix}:cats"))
+        return int(await self.redis.scard(self.cat_key("cats")))
 
-    async def incr_stats(self, counts: dict[str, int]) -> None:
-        counts = {k: v for k, v in counts.items() if v}
-        if not counts:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for k, v in counts.items():
-                pipe.hincrby(f"{self.prefix}:stats", k, v)
-            await pipe.execute()
+    async def catalog_progress(self) -> dict[int, int]:
+        raw = await self.redis.hgetall(self.cat_key("m"))
+        return {int(k[4:]): int(v) for k, v in raw.items() if k.startswith(b"pos:")}
+
+    async def set_catalog_progress(self, progress: dict[int, int]) -> None:
+        if progress:
+            await self._progress(keys=[self.cat_key("m")], args=[x for kv in progress.items() for x in kv])
+
+    # -- stats and inspection ------------------------------------------------------------------
 
     async def stats(self) -> dict[str, int]:
-        raw = await self.redis.hgetall(f"{self.prefix}:stats")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for k in range(self.o.shards):
+                pipe.hgetall(self.shard_key(k, "stats"))
+            rows = await pipe.execute()
         out = {k: 0 for k in STAT_FIELDS}
-        out.update({k.decode(): int(v) for k, v in raw.items()})
+        for raw in rows:
+            for k, v in raw.items():
+                out[k.decode()] = out.get(k.decode(), 0) + int(v)
         return out
+
+    async def memory_usage(self, user_id: str) -> int:
+        return int(await self.redis.memory_usage(self.user_key(user_id), samples=0) or 0)
 
     async def close(self) -> None:
         await self.redis.aclose()
 
 
+def read_stats(client, key_prefix: str, shards: int = StoreOptions.shards) -> dict[str, int]:
+    """The worker counters through a synchronous redis-py client (tools and tests)."""
+    out = {k: 0 for k in STAT_FIELDS}
+    pipe = client.pipeline(transaction=False)
+    for k in range(shards):
+        pipe.hgetall(f"{key_prefix}:{{s:{k}}}:stats")
+    for raw in pipe.execute():
+        for k, v in raw.items():
+            name = k.decode() if isinstance(k, bytes) else k
+            out[name] = out.get(name, 0) + int(v)
+    return out

@@ -43,9 +43,33 @@ def make_pipeline(**params) -> Pipeline:
                     Limits(), k=5, item_cache=ItemCache(100, 60.0), clock=lambda: CLOCK[0])
 
 
+OFFSETS: dict[str, int] = {}
+
+
 def msgs(objs, topic="events"):
-    return [RawMessage(topic, 0, n, None, o if isinstance(o, bytes) else json.dumps(o).encode())
-            for n, o in enumerate(objs)]
+    """Messages as a log gives them: each at the next offset of its topic."""
+    out = []
+    for o in objs:
+        n = OFFSETS[topic] = OFFSETS.get(topic, -1) + 1
+        out.append(RawMessage(topic, 0, n, None, o if isinstance(o, bytes) else json.dumps(o).encode()))
+    return out
+
+
+def run(p, process, batch):
+    """What an agent does with a batch: process it, (publish,) commit; then the output."""
+    async def go():
+        out = await process(batch)
+        await p.commit(out)
+        return out
+    return asyncio.run(go())
+
+
+def run_events(p, batch):
+    return run(p, p.process_events, batch)
+
+
+def run_catalog(p, batch):
+    return run(p, p.process_catalog, batch)
 
 
 def click(eid, user, item, **kw):
@@ -59,7 +83,7 @@ def items_of(cat):
 @pytest.fixture
 def pipeline():
     p = make_pipeline()
-    asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+    run_catalog(p, msgs(CATALOG, "catalog"))
     return p
 
 
@@ -69,7 +93,7 @@ def recs(out):
 
 def test_catalog_is_indexed_and_bad_catalog_input_dead_lettered():
     p = make_pipeline()
-    out = asyncio.run(p.process_catalog(msgs(CATALOG[:10] + [b"nope", {"type": "item", "item_id": "x"}], "catalog")))
+    out = run_catalog(p, msgs(CATALOG[:10] + [b"nope", {"type": "item", "item_id": "x"}], "catalog"))
     assert p.items.count() == 10
     assert out.stats["items_upserted"] == 10 and out.stats["dead_letters"] == 2
     errors = [json.loads(v)["error"] for _, v in out.dead_letters]
@@ -81,14 +105,13 @@ def test_one_list_per_valid_event_and_dead_letters_with_reasons(pipeline):
     batch = [click("e1", "u", cooking[0]), b"\x00garbage", click("e2", "u", cooking[1]),
              click("e3", "u", "unknown-item"), {"type": "query", "event_id": "e4", "user_id": "u",
                                                 "text": "risotto recipe", "timestamp": 1000.0}]
-    out = asyncio.run(pipeline.process_events(msgs(batch)))
+    out = run_events(pipeline, msgs(batch))
     produced = recs(out)
     assert [r["trigger_event_id"] for r in produced] == ["e1", "e2", "e4"]
     dead = [json.loads(v) for _, v in out.dead_letters]
     assert [d["error"] for d in dead] == ["bad_json", "unknown_item"]
-    assert base64.b64decode(dead[0]["value_b64"]) == b"\x00garbage" and dead[0]["offset"] == 1
-    assert out.stats == {"events_in": 5, "events_applied": 3, "duplicates": 0, "recommendations_out": 3,
-                         "dead_letters": 2}
+    assert base64.b64decode(dead[0]["value_b64"]) == b"\x00garbage" and dead[0]["offset"] == OFFSETS["events"] - 3
+    assert out.stats == {"events_in": 5, "events_applied": 3, "recommendations_out": 3, "dead_letters": 2}
     # the list after e1 excludes e1's item; the list after e2 excludes both
     assert cooking[0] not in {i["item_id"] for i in produced[0]["items"]}
     assert not {cooking[0], cooking[1]} & {i["item_id"] for i in produced[1]["items"]}
@@ -98,36 +121,37 @@ def test_one_list_per_valid_event_and_dead_letters_with_reasons(pipeline):
 
 def test_replaying_a_batch_applies_nothing_twice(pipeline):
     batch = msgs([click("e1", "u", items_of("jazz")[0]), click("e2", "u", items_of("jazz")[1])])
-    first = asyncio.run(pipeline.process_events(batch))
+    first = run_events(pipeline, batch)
     profile = asyncio.run(pipeline.profiles.load(["u"]))["u"]
-    again = asyncio.run(pipeline.process_events(batch))
+    again = run_events(pipeline, batch)
     after = asyncio.run(pipeline.profiles.load(["u"]))["u"]
     assert first.stats["events_applied"] == 2 and again.stats.get("events_applied", 0) == 0
-    assert again.stats["duplicates"] == 2 and all(r["duplicate"] for r in recs(again))
+    assert again.stats["redelivered"] == 2 and all(r["duplicate"] for r in recs(again))
+    assert asyncio.run(pipeline.profiles.stats())["events_applied"] == 2  # stats count an offset once
     assert after.version == profile.version == 1 and after.clicks == 2
     assert np.array_equal(after.long, profile.long)
 
 
 def test_duplicates_inside_one_batch(pipeline):
     e = click("same", "u", items_of("travel")[0])
-    out = asyncio.run(pipeline.process_events(msgs([e, e])))
+    out = run_events(pipeline, msgs([e, e]))
     assert out.stats["events_applied"] == 1 and out.stats["duplicates"] == 1
     assert [r["duplicate"] for r in recs(out)] == [False, True]
 
 
 def test_cold_start_then_personal(pipeline):
     popular = items_of("fitness")[:2]
-    asyncio.run(pipeline.process_events(msgs([click(f"p{n}-{i}", f"o{n}", i) for n in range(3) for i in popular])))
+    run_events(pipeline, msgs([click(f"p{n}-{i}", f"o{n}", i) for n in range(3) for i in popular]))
     req = {"type": "request", "request_id": "r1", "user_id": "new", "timestamp": 1000.0, "k": 4}
     cold = recs(asyncio.run(pipeline.process_requests(msgs([req], "requests"))))[0]
     assert cold["cold_start"] and [i["item_id"] for i in cold["items"][:2]] == popular
     assert [i["reason"] for i in cold["items"][:2]] == ["popular now"] * 2
-    warm = recs(asyncio.run(pipeline.process_events(msgs([click("n1", "new", items_of("astronomy")[0])]))))[0]
+    warm = recs(run_events(pipeline, msgs([click("n1", "new", items_of("astronomy")[0])])))[0]
     assert not warm["cold_start"] and warm["items"][0]["reason"] != "popular now"
 
 
 def test_requests_do_not_change_the_profile_and_honour_filters(pipeline):
-    asyncio.run(pipeline.process_events(msgs([click("e1", "u", items_of("gardening")[0])])))
+    run_events(pipeline, msgs([click("e1", "u", items_of("gardening")[0])]))
     before = asyncio.run(pipeline.profiles.load(["u"]))["u"].version
     req = {"type": "request", "request_id": "r", "user_id": "u", "timestamp": 1000.0, "k": 3,
            "categories": ["jazz"], "exclude": [items_of("jazz")[0]]}
@@ -140,7 +164,7 @@ def test_requests_do_not_change_the_profile_and_honour_filters(pipeline):
 def test_forget_deletes_the_profile_and_answers_nothing(pipeline):
     batch = [click("e1", "u", items_of("jazz")[0]),
              {"type": "forget", "event_id": "f1", "user_id": "u", "timestamp": 1000.0}]
-    out = asyncio.run(pipeline.process_events(msgs(batch)))
+    out = run_events(pipeline, msgs(batch))
     assert [r["trigger_event_id"] for r in recs(out)] == ["e1"]
     assert asyncio.run(pipeline.profiles.load(["u"]))["u"].is_cold
     assert out.stats["users_forgotten"] == 1 and out.stats["events_applied"] == 1
@@ -148,12 +172,12 @@ def test_forget_deletes_the_profile_and_answers_nothing(pipeline):
 
 def test_deleted_items_leave_index_cache_and_lists(pipeline):
     jazz = items_of("jazz")
-    asyncio.run(pipeline.process_events(msgs([click("e1", "u", jazz[0])])))
-    asyncio.run(pipeline.process_catalog(msgs([{"type": "item_delete", "item_id": j, "timestamp": 1.0}
-                                               for j in jazz[1:]], "catalog")))
-    out = recs(asyncio.run(pipeline.process_events(msgs([click("e2", "u", items_of("jazz")[0], scene="tv")]))))
+    run_events(pipeline, msgs([click("e1", "u", jazz[0])]))
+    run_catalog(pipeline, msgs([{"type": "item_delete", "item_id": j, "timestamp": 1.0}
+                                               for j in jazz[1:]], "catalog"))
+    out = recs(run_events(pipeline, msgs([click("e2", "u", items_of("jazz")[0], scene="tv")])))
     assert not set(jazz[1:]) & {i["item_id"] for i in out[0]["items"]}
-    dead = asyncio.run(pipeline.process_events(msgs([click("e3", "u", jazz[1])])))
+    dead = run_events(pipeline, msgs([click("e3", "u", jazz[1])]))
     assert [json.loads(v)["error"] for _, v in dead.dead_letters] == ["unknown_item"]
 
 
@@ -168,26 +192,29 @@ def test_item_cache_is_bounded_and_expires():
     assert cache.get("c") is None
 
 
-def test_a_concurrent_writer_makes_the_batch_reread_and_apply_once(pipeline):
+def test_a_concurrent_writer_makes_the_batch_conflict_and_apply_once_when_processed_again(pipeline):
     from models.profile import Profile
+    from streams.stores import ConflictError, Write
 
     store = pipeline.profiles
     commit = store.commit
     raced = []
 
-    async def racing_commit(profile, expected, new_seen, event_ids):
+    async def racing_commit(writes):
         if not raced:  # another writer commits first, once
             raced.append(True)
-            other = Profile(user_id=profile.user_id)
-            await commit(other, expected, [], ["elsewhere"])
-        return await commit(profile, expected, new_seen, event_ids)
+            await commit([Write(Profile(user_id="u"), 0)])
+        return await commit(writes)
 
     store.commit = racing_commit
-    out = asyncio.run(pipeline.process_events(msgs([click("e1", "u", items_of("jazz")[0])])))
+    batch = msgs([click("e1", "u", items_of("jazz")[0])])
+    with pytest.raises(ConflictError):
+        run_events(pipeline, batch)
+    out = run_events(pipeline, batch)  # as the agent does: the same batch again, from the new profile
     assert raced and out.stats["events_applied"] == 1 and len(out.recommendations) == 1
     p = asyncio.run(store.load(["u"]))["u"]
     assert p.version == 2 and p.clicks == 1
-    assert asyncio.run(store.applied([("u", "e1"), ("u", "elsewhere")])) == [True, True]
+    assert asyncio.run(store.stats())["events_applied"] == 1
 
 
 @pytest.mark.parametrize("exclude_in_index", [64, 1])
@@ -205,9 +232,9 @@ def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_i
     events += [click(f"j{n}", "u", item) for n, item in enumerate(items_of("jazz")[2:8])]
     together, apart = (make_pipeline(w_popularity=0.0, w_cooccur=0.0), make_pipeline(w_popularity=0.0, w_cooccur=0.0))
     for p in (together, apart):
-        asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
-    one_batch = recs(asyncio.run(together.process_events(msgs(events))))
-    one_by_one = [recs(asyncio.run(apart.process_events(msgs([e]))))[0] for e in events]
+        run_catalog(p, msgs(CATALOG, "catalog"))
+    one_batch = recs(run_events(together, msgs(events)))
+    one_by_one = [recs(run_events(apart, msgs([e])))[0] for e in events]
     assert [[i["item_id"] for i in r["items"]] for r in one_batch] == \
            [[i["item_id"] for i in r["items"]] for r in one_by_one]
 
@@ -236,9 +263,9 @@ def test_a_list_never_sees_events_after_its_own(monkeypatch, exclude_in_index):
     for name, batch in (("alone", [first]), ("together", [first, *later])):
         p = make_pipeline()
         assert p.params.w_popularity > 0
-        asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+        run_catalog(p, msgs(CATALOG, "catalog"))
         ranked_from.clear()
-        out = recs(asyncio.run(p.process_events(msgs(batch))))
+        out = recs(run_events(p, msgs(batch)))
         assert out[0]["trigger_event_id"] == "e1" and len(ranked_from) == len(batch)
         got[name] = ([i["item_id"] for i in out[0]["items"]], ranked_from[0])
     assert got["together"] == got["alone"]
@@ -255,44 +282,44 @@ def test_seen_items_excluded_in_the_index_or_over_fetched_give_the_same_lists(mo
     for threshold in (1, 10_000):
         monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", threshold)
         p = make_pipeline()
-        asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+        run_catalog(p, msgs(CATALOG, "catalog"))
         lists[threshold] = [[i["item_id"] for i in r["items"]]
-                            for b in batches for r in recs(asyncio.run(p.process_events(msgs(b))))]
+                            for b in batches for r in recs(run_events(p, msgs(b)))]
     assert lists[1] == lists[10_000] and len(lists[1]) == sum(map(len, batches))
 
 
 def test_items_clicked_together_by_others_are_recommended_with_that_reason():
     p = make_pipeline()
-    asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+    run_catalog(p, msgs(CATALOG, "catalog"))
     jazz, cooking = items_of("jazz")[0], items_of("cooking")[3]
     history = [click(f"o{n}-{i}", f"other{n}", item) for n in range(4) for i, item in enumerate([jazz, cooking])]
-    asyncio.run(p.process_events(msgs(history)))
+    run_events(p, msgs(history))
     title = {it["item_id"]: it["title"] for it in CATALOG}
-    out = recs(asyncio.run(p.process_events(msgs([click("u1", "u", jazz)]))))[0]
+    out = recs(run_events(p, msgs([click("u1", "u", jazz)])))[0]
     assert out["items"][0]["item_id"] == cooking
     assert out["items"][0]["reason"] == f"often clicked with {title[jazz]}"
     off = make_pipeline(w_cooccur=0.0)
-    asyncio.run(off.process_catalog(msgs(CATALOG, "catalog")))
-    asyncio.run(off.process_events(msgs(history)))
-    assert cooking not in [i["item_id"] for i in recs(asyncio.run(off.process_events(msgs([click("u1", "u", jazz)]))))[0]["items"]]
+    run_catalog(off, msgs(CATALOG, "catalog"))
+    run_events(off, msgs(history))
+    assert cooking not in [i["item_id"] for i in recs(run_events(off, msgs([click("u1", "u", jazz)])))[0]["items"]]
 
 
 def test_unavailable_items_are_never_recommended_however_popular_or_co_clicked():
     """An item made unavailable leaves the popular and co-click candidates, and clicks on it
     afterwards (it is still in the catalog) bring it back into neither."""
     p = make_pipeline()
-    asyncio.run(p.process_catalog(msgs(CATALOG, "catalog")))
+    run_catalog(p, msgs(CATALOG, "catalog"))
     jazz, cooking = items_of("jazz")[0], items_of("cooking")[3]
     history = [click(f"o{n}-{i}", f"other{n}", item) for n in range(6) for i, item in enumerate([jazz, cooking])]
-    asyncio.run(p.process_events(msgs(history)))
-    before = recs(asyncio.run(p.process_events(msgs([click("a1", "a", jazz)]))))[0]
+    run_events(p, msgs(history))
+    before = recs(run_events(p, msgs([click("a1", "a", jazz)])))[0]
     assert cooking in [i["item_id"] for i in before["items"]]  # co-clicked and popular
     gone = next(it for it in CATALOG if it["item_id"] == cooking)
-    asyncio.run(p.process_catalog(msgs([{**gone, "available": False, "timestamp": 2.0}], "catalog")))
+    run_catalog(p, msgs([{**gone, "available": False, "timestamp": 2.0}], "catalog"))
     later = [click(f"l{n}-{i}", f"late{n}", item) for n in range(6) for i, item in enumerate([jazz, cooking])]
-    out = asyncio.run(p.process_events(msgs(later + [click("b1", "b", jazz), {
-        "type": "query", "event_id": "b2", "user_id": "b", "text": gone["title"], "timestamp": 1000.0}])))
+    out = run_events(p, msgs(later + [click("b1", "b", jazz), {
+        "type": "query", "event_id": "b2", "user_id": "b", "text": gone["title"], "timestamp": 1000.0}]))
     assert len(out.recommendations) == len(later) + 2 and not out.dead_letters  # clicks on it still apply
-    lists = recs(out) + recs(asyncio.run(p.process_events(msgs([click("c1", "c", jazz)]))))
+    lists = recs(out) + recs(run_events(p, msgs([click("c1", "c", jazz)])))
     assert all(cooking not in [i["item_id"] for i in r["items"]] for r in lists)
     assert cooking not in dict(asyncio.run(p.profiles.popular(None, 100)))

@@ -235,7 +235,7 @@ def test_rediss_options_reach_the_tls_connection():
     opts = redis_options(s)
     assert opts == {"username": "alice", "password": "redis-secret", "ssl_ca_certs": "/ca.pem",
                     "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem"}
-    store = RedisProfileStore(s.redis_url, "p", options=opts)
+    store = RedisProfileStore(s.redis_url, "p", redis_options=opts)
     pool = store.redis.connection_pool
     assert pool.connection_class is SSLConnection
     kwargs = pool.connection_kwargs

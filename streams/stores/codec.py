@@ -1,0 +1,238 @@
+"""A user's whole state as one small, versioned binary record.
+
+Layout (little-endian), schema 2::
+
+    b"SR" u8 schema | u32 version | u8 flags | str encoder
+    u32 clicks | u32 queries | f64 last_time | f32 intent_strength
+    u32 applied.count | u64 applied.digest | u8 n (u32 source, i64 offset)* | u8 n (u64 event hash)*
+    vec long | vec short | vec intent | u8 n (str scene, vec)* | u8 n (str category, f32 logit)*
+    u8 n history (u8 kind, f64 t, str scene, str item id or text)*
+    u8 n explainers (u8 kind, str label, str ref, [vec for a query])*
+    seen
+
+``str`` is a u8 length and UTF-8 bytes (cut at 255 bytes). ``vec`` is a u16 dimension (0: none), an
+f32 scale and int8 components: cosine to the float32 vector stays above 0.9999. ``seen`` is the
+sorted catalog numbers of the clicked items, as LEB128 gaps or, when smaller, a bitmap over the
+catalog (so it never exceeds catalog size / 8 bytes). Click explainers keep no vector: the item
+index has it. Flag 1 marks a forgotten user: only ``applied`` is kept.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Optional
+
+import numpy as np
+
+from models.profile import Applied, Explainer, Profile
+
+MAGIC = b"SR"
+SCHEMA = 2
+FORGOTTEN = 1
+_HEAD = struct.Struct("<2sBIB")
+
+
+class CorruptProfile(ValueError):
+    """A stored record that is not a profile this code can read; the message says why."""
+
+
+class _W:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def pack(self, fmt: str, *v) -> None:
+        self.parts.append(struct.pack("<" + fmt, *v))
+
+    def str(self, s: Optional[str]) -> None:
+        b = (s or "").encode()[:255]
+        while b:  # never cut inside a UTF-8 sequence
+            try:
+                b.decode()
+                break
+            except UnicodeDecodeError:
+                b = b[:-1]
+        self.parts.append(bytes([len(b)]) + b)
+
+    def vec(self, v: Optional[np.ndarray]) -> None:
+        if v is None:
+            self.pack("H", 0)
+            return
+        v = np.asarray(v, dtype=np.float32)
+        top = float(np.max(np.abs(v))) if v.size else 0.0
+        scale = top / 127.0 if top > 0 else 1.0
+        self.pack("Hf", v.size, scale)
+        self.parts.append(np.round(v / scale).astype(np.int8).tobytes())
+
+
+class _R:
+    def __init__(self, b: bytes) -> None:
+        self.b, self.i = b, 0
+
+    def unpack(self, fmt: str):
+        s = struct.Struct("<" + fmt)
+        v = s.unpack_from(self.b, self.i)
+        self.i += s.size
+        return v
+
+    def one(self, fmt: str):
+        return self.unpack(fmt)[0]
+
+    def str(self) -> str:
+        n = self.b[self.i]
+        s = self.b[self.i + 1: self.i + 1 + n].decode()
+        self.i += 1 + n
+        return s
+
+    def take(self, n: int) -> bytes:
+        if self.i + n > len(self.b):
+            raise CorruptProfile("record ends early")
+        out = self.b[self.i: self.i + n]
+        self.i += n
+        return out
+
+    def vec(self) -> Optional[np.ndarray]:
+        dim = self.one("H")
+        if not dim:
+            return None
+        scale = self.one("f")
+        return np.frombuffer(self.take(dim), dtype=np.int8).astype(np.float32) * np.float32(scale)
+
+
+def encode_seen(seen: set[int]) -> bytes:
+    """Sorted numbers as LEB128 gaps (mode 0) or a bitmap (mode 1), whichever is smaller."""
+    if not seen:
+        return b"\x00" + struct.pack("<I", 0)
+    nums = np.fromiter(sorted(seen), dtype=np.int64, count=len(seen))
+    gaps = np.diff(nums, prepend=-1) - 1  # >= 0
+    groups = np.maximum(1, (np.floor(np.log2(np.maximum(gaps, 1))).astype(np.int64) // 7) + 1)
+    bitmap_len = int(nums[-1]) // 8 + 1
+    if bitmap_len < int(groups.sum()):
+        bits = np.zeros(bitmap_len * 8, dtype=np.uint8)
+        bits[nums] = 1
+        return b"\x01" + struct.pack("<I", bitmap_len) + np.packbits(bits, bitorder="little").tobytes()
+    out = bytearray()
+    for g in gaps.tolist():
+        while g >= 0x80:
+            out.append((g & 0x7F) | 0x80)
+            g >>= 7
+        out.append(g)
+    return b"\x00" + struct.pack("<I", len(seen)) + bytes(out)
+
+
+def decode_seen(r: _R) -> set[int]:
+    mode, n = r.unpack("BI")
+    if mode == 1:
+        bits = np.unpackbits(np.frombuffer(r.take(n), dtype=np.uint8), bitorder="little")
+        return set(np.flatnonzero(bits).tolist())
+    if mode != 0:
+        raise CorruptProfile(f"unknown seen-set mode {mode}")
+    if n == 0:
+        return set()
+    data = np.frombuffer(r.b, dtype=np.uint8, offset=r.i)
+    ends = np.flatnonzero(data < 0x80)[:n]
+    if len(ends) < n:
+        raise CorruptProfile("seen set ends early")
+    used = int(ends[-1]) + 1
+    chunk = data[:used].astype(np.int64)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    pos = np.arange(used) - np.repeat(starts, ends - starts + 1)
+    vals = np.add.reduceat((chunk & 0x7F) << (7 * pos), starts)
+    r.i += used
+    return set((np.cumsum(vals + 1) - 1).tolist())
+
+
+def encode(p: Profile, version: int, forgotten: bool = False) -> bytes:
+    """The record of ``p`` at CAS ``version``; ``forgotten`` keeps only what recognises events."""
+    w = _W()
+    w.parts.append(_HEAD.pack(MAGIC, SCHEMA, version, FORGOTTEN if forgotten else 0))
+    w.str(p.encoder)
+    a = p.applied
+    w.pack("IIdf", p.clicks, p.queries, p.last_time, p.intent_strength)
+    w.pack("IQB", a.count, a.digest, len(a.offsets))
+    for src, off in a.offsets.items():
+        w.pack("Iq", src, off)
+    w.pack("B", len(a.recent))
+    w.pack(f"{len(a.recent)}Q", *a.recent)
+    if forgotten:
+        return b"".join(w.parts)
+    for v in (p.long, p.short, p.intent):
+        w.vec(v)
+    w.pack("B", len(p.scenes))
+    for name, v in p.scenes.items():
+        w.str(name)
+        w.vec(v)
+    w.pack("B", len(p.interest))
+    for name, logit in p.interest.items():
+        w.str(name)
+        w.pack("f", logit)
+    w.pack("B", len(p.history))
+    for h in p.history:
+        click = h["type"] == "click"
+        w.pack("Bd", 0 if click else 1, h["t"])
+        w.str(h.get("scene"))
+        w.str(h["item_id"] if click else h["text"])
+    w.pack("B", len(p.explainers))
+    for e in p.explainers:
+        w.pack("B", 0 if e.kind == "click" else 1)
+        w.str(e.label[:64])
+        w.str(e.ref)
+        if e.kind != "click":
+            w.vec(e.vector)
+    w.parts.append(encode_seen(p.seen))
+    return b"".join(w.parts)
+
+
+def decode(user_id: str, b: bytes) -> tuple[Profile, bool]:
+    """(profile, forgotten) from a record; raises :class:`CorruptProfile` with the reason."""
+    if len(b) < _HEAD.size or b[:2] != MAGIC:
+        raise CorruptProfile("not a streamrec profile record")
+    try:
+        _, schema, version, flags = _HEAD.unpack_from(b)
+        if schema != SCHEMA:
+            raise CorruptProfile(f"profile schema {schema}, this code reads {SCHEMA}")
+        r = _R(b)
+        r.i = _HEAD.size
+        p = Profile(user_id=user_id, version=version)
+        p.encoder = r.str()
+        p.clicks, p.queries, p.last_time, p.intent_strength = r.unpack("IIdf")
+        a = Applied()
+        a.count, a.digest, n = r.unpack("IQB")
+        for _ in range(n):
+            src, off = r.unpack("Iq")
+            a.offsets[src] = off
+        n = r.one("B")
+        a.recent = list(r.unpack(f"{n}Q"))
+        p.applied = a
+        if flags & FORGOTTEN:
+            return p, True
+        p.long, p.short, p.intent = r.vec(), r.vec(), r.vec()
+        for _ in range(r.one("B")):
+            name = r.str()
+            p.scenes[name] = r.vec()
+        for _ in range(r.one("B")):
+            name = r.str()
+            p.interest[name] = float(r.one("f"))
+        for _ in range(r.one("B")):
+            kind, t = r.unpack("Bd")
+            scene = r.str() or None
+            text = r.str()
+            p.history.append({"type": "click", "item_id": text, "scene": scene, "t": t} if kind == 0
+                             else {"type": "query", "text": text, "scene": scene, "t": t})
+        for _ in range(r.one("B")):
+            kind = r.one("B")
+            label, ref = r.str(), r.str()
+            p.explainers.append(Explainer("click" if kind == 0 else "query", label, ref,
+                                          None if kind == 0 else r.vec()))  # type: ignore[arg-type]
+        p.seen = decode_seen(r)
+        if r.i != len(b):
+            raise CorruptProfile(f"{len(b) - r.i} bytes left over")
+        return p, False
+    except CorruptProfile:
+        raise
+    except (struct.error, UnicodeDecodeError, IndexError, ValueError) as exc:
+        raise CorruptProfile(f"unreadable profile record: {exc}") from exc
+
+
+def record_version(b: Optional[bytes]) -> int:
+    """The CAS version of a stored record (0 for none)."""
+    return _HEAD.unpack_from(b)[2] if b and len(b) >= _HEAD.size and b[:2] == MAGIC else 0
