@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from streams.stores.redis_profiles import read_stats
 from workers import demo_data
 from workers.runner import encode_line, read_outputs, wait_stat, worker_on_stack
 from workers.settings import Settings
@@ -67,7 +68,7 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
             done_at = max(m["produced_time"] for ms in got.values() for m in ms)
             wait_stat(r, s.key_prefix, "dead_letters", len(BAD_MESSAGES), 60, worker)
             wait_stat(r, s.key_prefix, "events_applied", len(events), 60, worker)
-            stats = {k.decode(): int(v) for k, v in r.hgetall(f"{s.key_prefix}:stats").items()}
+            stats = read_stats(r, s.key_prefix, s.state_shards)
             n_items = _count_items(s)
         hits = total = 0
         first_event = {}

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from models.evaluation import SEGMENTS, StreamResult, evaluate_stream, windowed_hit_rate
+from streams.stores.redis_profiles import read_stats
 from workers.datasets import Dataset
 from workers.demo import percentiles
 from workers.runner import WorkerProcess, encode_line, worker_on_stack
@@ -200,8 +201,8 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         log.publish(s.topic_catalog, [(*encode_line(it), None) for it in dataset.catalog])
         _wait_catalog(r, s, len(dataset.catalog), worker)
         catalog_s = time.time() - t0
-        indexed = int(r.hget(f"{s.key_prefix}:stats", "items_upserted") or 0)
-        catalog_dead = int(r.hget(f"{s.key_prefix}:stats", "dead_letters") or 0)
+        st = read_stats(r, s.key_prefix, s.state_shards)
+        indexed, catalog_dead = st["items_upserted"], st["dead_letters"]
         _say(f"catalog: {indexed} items indexed in {catalog_s:.1f} s ({catalog_dead} dead-lettered); "
              f"streaming {len(events)} events, at most {opts.in_flight} unanswered")
         answers = _Answers()
@@ -215,7 +216,7 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         finally:
             stop.set()
             reader.join(timeout=30)
-        stats = {k.decode(): int(v) for k, v in r.hgetall(f"{s.key_prefix}:stats").items()}
+        stats = read_stats(r, s.key_prefix, s.state_shards)
         versions = {**stack.versions}
     answered = [e for e in events if e["event_id"] in answers.lists]
     lat = [(answers.produced[e["event_id"]] - sent[e["event_id"]]) * 1000 for e in answered]
@@ -275,8 +276,8 @@ def _wait_catalog(r, s: Settings, n: int, worker: WorkerProcess, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while True:
-        st = r.hgetall(f"{s.key_prefix}:stats")
-        done = sum(int(st.get(name, 0)) for name in (b"items_upserted", b"items_deleted", b"dead_letters"))
+        st = read_stats(r, s.key_prefix, s.state_shards)
+        done = sum(st[name] for name in ("items_upserted", "items_deleted", "dead_letters"))
         if done >= n:
             return
         if not worker.alive():

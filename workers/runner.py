@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from streams.stores.eventlog import KafkaEventLog, LogRecord, all_topics
+from streams.stores.redis_profiles import connect, read_stats
 from workers.settings import Settings
 
 
@@ -100,7 +101,7 @@ def wait_stat(profiles_sync, prefix: str, name: str, target: int, timeout_s: flo
     delay = 0.02
     value = 0
     while time.monotonic() < deadline:
-        value = int(profiles_sync.hget(f"{prefix}:stats", name) or 0)
+        value = read_stats(profiles_sync, prefix).get(name, 0)
         if value >= target:
             return value
         if worker is not None and not worker.alive():
@@ -151,7 +152,7 @@ def worker_on_stack(settings: Settings, stack, base: Path, name: str) -> Iterato
     log = KafkaEventLog(s.kafka_bootstrap)
     log.ensure_topics(all_topics(s), s.topic_partitions)
     worker = WorkerProcess(s, base / "worker.log").start()
-    r = redis.Redis.from_url(s.redis_url)
+    r = connect(s.redis_url, asyncio=False)
     try:
         yield s, log, worker, r
     finally:

@@ -13,7 +13,7 @@ import abc
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from models.profile import Profile
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
 from models.profile import Profile
@@ -224,6 +224,37 @@ class RedisProfileStore(ProfileStore):
         self._progress = self.redis.register_script(_PROGRESS)
         self._remove = self.redis.register_script(_REMOVE)
 
+    async def _pipeline(self, build: Callable[[Any], None], raise_on_error: bool = True) -> list:
+        """Run the commands that ``build(pipe)`` queues in one non-transactional pipeline (split
+        by node on a cluster). Scripts go as EVALSHA (:meth:`_script`): a server that lacks them
+        gets them loaded and the pipeline runs again."""
+        from redis.exceptions import NoScriptError
+
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    rows = await pipe.execute(raise_on_error=raise_on_error)
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    await self._load_scripts()
+                    continue
+            if not raise_on_error and any(isinstance(r, Exception) and "NOSCRIPT" in str(r) for r in rows) and not attempt:
+                await self._load_scripts()
+                continue
+            return rows
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _script(pipe, script, keys: Sequence[str], args: Sequence) -> None:
+        """Queue ``script`` on ``pipe`` (cluster pipelines refuse the script object's own call)."""
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _load_scripts(self) -> None:
+        for script in (self._commit, self._apply, self._rescale, self._number, self._progress, self._remove):
+            await self.redis.script_load(script.script)
+
     # -- keys ----------------------------------------------------------------------------------
 
     def user_key(self, user_id: str) -> str:
@@ -244,10 +275,7 @@ class RedisProfileStore(ProfileStore):
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for u in ids:
-                pipe.get(self.user_key(u))
-            rows = await pipe.execute(raise_on_error=False)
+        rows = await self._pipeline(lambda pipe: [pipe.get(self.user_key(u)) for u in ids], raise_on_error=False)
         out = {}
         for u, raw in zip(ids, rows, strict=True):
             if isinstance(raw, Exception):
@@ -268,40 +296,42 @@ class RedisProfileStore(ProfileStore):
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
         if not writes:
             return []
-        records = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for w in writes:
-                version = w.expected % 0xFFFFFFFF + 1
-                records.append(version)
+        records = [w.expected % 0xFFFFFFFF + 1 for w in writes]
+
+        def build(pipe) -> None:
+            for w, version in zip(writes, records, strict=True):
                 ttl = int(self.o.forget_ttl_s * 1000) if w.forgotten else 0
-                await self._commit(keys=[self.user_key(w.profile.user_id)],
-                                   args=[struct.pack("<I", w.expected) if w.expected else b"",
-                                         codec.encode(w.profile, version, forgotten=w.forgotten), ttl,
-                                         1 if w.replace else 0], client=pipe)
-            rows = await pipe.execute()
+                self._script(pipe, self._commit, [self.user_key(w.profile.user_id)],
+                             [struct.pack("<I", w.expected) if w.expected else b"",
+                              codec.encode(w.profile, version, forgotten=w.forgotten), ttl, 1 if w.replace else 0])
+
+        rows = await self._pipeline(build)
         done = []
         for w, version, ok in zip(writes, records, rows, strict=True):
             if int(ok) == 1:
                 w.profile.version = version
             done.append(int(ok) == 1)
-        await self._wait(writes[0].profile.user_id)
+        await self._wait()
         return done
 
-    async def _wait(self, key_hint: str) -> None:
-        """Wait for replicas to hold the writes just made (``wait_replicas``)."""
-        if self.o.wait_replicas <= 0:
+    async def _wait(self) -> None:
+        """Wait until ``wait_replicas`` replicas of every primary hold the writes made so far, so
+        that a failover loses none of them; fewer after 5 s is an error (the batch is retried)."""
+        n = self.o.wait_replicas
+        if n <= 0:
             return
-        if self.cluster:
-            nodes = self.redis.get_primaries()
-            for node in nodes:
-                await self.redis.execute_command("WAIT", self.o.wait_replicas, 5000, target_nodes=node)
-        else:
-            await self.redis.execute_command("WAIT", self.o.wait_replicas, 5000)
+        from redis.exceptions import TimeoutError as RedisTimeout
+
+        nodes = self.redis.get_primaries() if self.cluster else [None]
+        for node in nodes:
+            kw = {"target_nodes": node} if node is not None else {}
+            got = int(await self.redis.execute_command("WAIT", n, 5000, **kw))
+            if got < n:
+                raise RedisTimeout(f"writes reached {got} of {n} replicas in 5 s")
 
     # -- per-item state ------------------------------------------------------------------------
 
     async def apply(self, effects: Effects) -> None:
-        S = self.o.shards
         shards: dict[int, dict] = {}
 
         def shard(k: int) -> dict:
@@ -327,8 +357,9 @@ class RedisProfileStore(ProfileStore):
         for _attempt in range(4):
             if not pending:
                 break
-            async with self.redis.pipeline(transaction=False) as pipe:
-                order = list(pending)
+            order = list(pending)
+
+            def build(pipe, order=order, pending=pending) -> None:
                 for k in order:
                     sh = pending[k]
                     keys = [self.shard_key(k, "m"), self.shard_key(k, "pop"), self.shard_key(k, "n"),
@@ -337,10 +368,11 @@ class RedisProfileStore(ProfileStore):
                             *(self.shard_key(k, "co:" + i) for i in sh["co"])]
                     args = [self.o.popularity_halflife_s, self.o.cooccur_halflife_s, self.o.cooccur_keep,
                             self.o.popular_keep, len(sh["scenes"]), len(sh["co"]), *sh["ops"]]
-                    await self._apply(keys=keys, args=args, client=pipe)
+                    self._script(pipe, self._apply, keys, args)
                     if sh["scenes"]:
                         pipe.hset(self.shard_key(k, "m"), mapping={"s:" + s: 1 for s in sh["scenes"]})
-                rows = await pipe.execute()
+
+            rows = await self._pipeline(build)
             results = [r for r in rows if isinstance(r, bytes)]
             again = {}
             for k, r in zip(order, results, strict=True):
@@ -350,7 +382,7 @@ class RedisProfileStore(ProfileStore):
             pending = again
         if pending:
             raise RuntimeError(f"shards {sorted(pending)} kept asking for a new decay reference")
-        await self._wait("")
+        await self._wait()
 
     async def _rescale_shard(self, k: int, sh: dict, co: bool) -> None:
         """Move shard ``k``'s popularity (or co-click) reference up to the batch's latest time."""
@@ -384,22 +416,21 @@ class RedisProfileStore(ProfileStore):
         if not item_ids:
             return {}
         shards = sorted({self._shard(a) for a in item_ids})
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for a in item_ids:
-                pipe.zrevrange(self.shard_key(self._shard(a), "co:" + a), 0, -1, withscores=True)
-            rows_raw = await pipe.execute()
+        rows_raw = await self._pipeline(lambda pipe: [
+            pipe.zrevrange(self.shard_key(self._shard(a), "co:" + a), 0, -1, withscores=True) for a in item_ids])
         rows = {a: [(b.decode(), float(c)) for b, c in r] for a, r in zip(item_ids, rows_raw, strict=True)}
         names = list({*item_ids, *(b for r in rows.values() for b, _ in r)})
         by_shard: dict[int, list[str]] = {}
         for x in names:
             by_shard.setdefault(self._shard(x), []).append(x)
         shards = sorted(set(by_shard) | set(shards))
-        async with self.redis.pipeline(transaction=False) as pipe:
+        def build(pipe) -> None:
             for k in shards:
                 pipe.hget(self.shard_key(k, "m"), "cref")
             for k, xs in by_shard.items():
                 pipe.hmget(self.shard_key(k, "n"), xs)
-            got = await pipe.execute()
+
+        got = await self._pipeline(build)
         crefs = {k: float(v) for k, v in zip(shards, got[: len(shards)]) if v is not None}
         if not crefs:
             return {a: [] for a in item_ids}
@@ -415,13 +446,14 @@ class RedisProfileStore(ProfileStore):
 
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
         S = self.o.shards
-        async with self.redis.pipeline(transaction=False) as pipe:
+        def build(pipe) -> None:
             for k in range(S):
                 pipe.hget(self.shard_key(k, "m"), "ref")
                 pipe.zrevrange(self.shard_key(k, "pop"), 0, n - 1, withscores=True)
                 if scene:
                     pipe.zrevrange(self.shard_key(k, "pop:" + scene), 0, n - 1, withscores=True)
-            rows = await pipe.execute()
+
+        rows = await self._pipeline(build)
         step = 3 if scene else 2
         refs = [float(rows[k * step]) if rows[k * step] is not None else None for k in range(S)]
         known = [r for r in refs if r is not None]
@@ -446,13 +478,15 @@ class RedisProfileStore(ProfileStore):
     async def add_items(self, items: Sequence[tuple[str, float, str]]) -> None:
         if not items:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
+        cats = {c for _, _, c in items if c}
+
+        def build(pipe) -> None:
             pipe.zadd(self.cat_key("new"), {i: t for i, t, _ in items})
             pipe.zremrangebyrank(self.cat_key("new"), 0, -(self.o.newest_keep + 1))
-            cats = {c for _, _, c in items if c}
             if cats:
                 pipe.sadd(self.cat_key("cats"), *cats)
-            await pipe.execute()
+
+        await self._pipeline(build)
 
     async def remove_items(self, item_ids: Sequence[str]) -> None:
         if not item_ids:
@@ -460,18 +494,17 @@ class RedisProfileStore(ProfileStore):
         by_shard: dict[int, list[str]] = {}
         for i in dict.fromkeys(item_ids):
             by_shard.setdefault(self._shard(i), []).append(i)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for k in by_shard:
-                pipe.hkeys(self.shard_key(k, "m"))
-            metas = await pipe.execute()
-        async with self.redis.pipeline(transaction=False) as pipe:
+        metas = await self._pipeline(lambda pipe: [pipe.hkeys(self.shard_key(k, "m")) for k in by_shard])
+
+        def build(pipe) -> None:
             pipe.zrem(self.cat_key("new"), *item_ids)
             for (k, ids), fields in zip(by_shard.items(), metas, strict=True):
                 scenes = [f.decode()[2:] for f in fields if f.startswith(b"s:")]
                 keys = [self.shard_key(k, "pop"), self.shard_key(k, "n"),
                         *(self.shard_key(k, "pop:" + s) for s in scenes), *(self.shard_key(k, "co:" + i) for i in ids)]
-                await self._remove(keys=keys, args=[len(scenes), *ids], client=pipe)
-            await pipe.execute()
+                self._script(pipe, self._remove, keys, [len(scenes), *ids])
+
+        await self._pipeline(build)
 
     async def newest(self, n: int) -> list[tuple[str, float]]:
         rows = await self.redis.zrevrange(self.cat_key("new"), 0, n - 1, withscores=True)
@@ -491,10 +524,8 @@ class RedisProfileStore(ProfileStore):
     # -- stats and inspection ------------------------------------------------------------------
 
     async def stats(self) -> dict[str, int]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for k in range(self.o.shards):
-                pipe.hgetall(self.shard_key(k, "stats"))
-            rows = await pipe.execute()
+        rows = await self._pipeline(lambda pipe: [pipe.hgetall(self.shard_key(k, "stats"))
+                                                  for k in range(self.o.shards)])
         out = {k: 0 for k in STAT_FIELDS}
         for raw in rows:
             for k, v in raw.items():

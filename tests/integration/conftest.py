@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from streams.stores.eventlog import KafkaEventLog, all_topics
+from streams.stores.redis_profiles import connect, read_stats
 from workers import demo_data
 from workers.kafka_broker import ApacheKafka, KafkaUnavailable
 from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat
@@ -112,6 +113,16 @@ def apache_kafka(tmp_path_factory, reliability):
 
 
 @pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real Redis Cluster (3 masters, 3 replicas) from the same redis-server binary, once per
+    session; tests keep apart by key prefix. A test that kills a master restarts it."""
+    from workers.redis_cluster import RedisCluster
+
+    with RedisCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
 def stack(request, embedded):
     """The services a test runs on; its Kafka broker is the test's parameter (``tansu`` when the
     test was not parametrized, e.g. a ``request.getfixturevalue("stack")``)."""
@@ -138,7 +149,7 @@ class Harness:
             "data_dir": str(tmp / "data"), **overrides})
         self.log = KafkaEventLog(stack.kafka_bootstrap)
         self.log.ensure_topics(all_topics(self.settings), self.settings.topic_partitions)
-        self.redis = redis.Redis.from_url(self.settings.redis_url)
+        self.redis = connect(self.settings.redis_url, asyncio=False)
         self.worker = WorkerProcess(self.settings, tmp / "worker.log").start()
         self._n = 0
         self._items = 0
@@ -193,7 +204,7 @@ class Harness:
         return {i: got[i][0] for i in ids}
 
     def stats(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.redis.hgetall(f"{self.prefix}:stats").items()}
+        return read_stats(self.redis, self.prefix, self.settings.state_shards)
 
     def close(self) -> None:
         self.worker.stop()

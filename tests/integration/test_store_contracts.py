@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from models.params import ModelParams
-from models.profile import Profile, apply_click, apply_query
-from streams.stores import ConflictError, ItemRow, PopularityUpdate, open_item_index, open_profile_store
+from models.profile import Applied, Profile, apply_click, apply_query
+from streams.stores import ClickEffect, Effects, ItemRow, StoreOptions, Write, open_item_index, open_profile_store
 from workers.stack import free_port, port_open, redis_server_bin, wait_for
 
 DIM = 8
@@ -33,9 +33,14 @@ def redis_url(tmp_path_factory):
         proc.wait(10)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration),
+                        pytest.param("redis-cluster", marks=[pytest.mark.integration, pytest.mark.cluster])])
 def url(request):
-    return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url")
+    return request.getfixturevalue("redis_cluster").url
 
 
 def unit(i: int) -> np.ndarray:
@@ -44,11 +49,13 @@ def unit(i: int) -> np.ndarray:
     return v
 
 
-def run(url, test):
+OPTIONS = StoreOptions(shards=4, popularity_halflife_s=3600.0, cooccur_halflife_s=3600.0, cooccur_keep=3)
+
+
+def run(url, test, options: StoreOptions = OPTIONS):
     """Run ``test(store)`` on a fresh store (fresh key prefix) inside one event loop."""
     async def go():
-        store = open_profile_store(url, f"c-{uuid.uuid4().hex[:8]}", dedupe_window=3, popularity_halflife_s=3600.0,
-                                   cooccur_keep=3)
+        store = open_profile_store(url, f"c-{uuid.uuid4().hex[:8]}", options)
         try:
             await test(store)
         finally:
@@ -56,98 +63,149 @@ def run(url, test):
     asyncio.run(go())
 
 
-def test_profile_round_trip_and_versions(url):
+def clicks(*specs, source="events:0"):
+    """Effects of clicks given as (offset, item, previous items[, scene, time])."""
+    fx = Effects()
+    for spec in specs:
+        off, item, prev, *rest = spec
+        scene, t = (rest + [None, 0.0])[:2] if rest else (None, 0.0)
+        fx.clicks.append((source, off, ClickEffect(item, scene, t, 1.0, prev)))
+    return fx
+
+
+def test_profile_round_trip_and_compare_and_set(url):
     async def go(store):
         p = (await store.load(["u1"]))["u1"]
-        assert p.version == 0 and p.is_cold
-        apply_click(p, "i1", unit(1), "One", "a", "tv", 1.0, "e1", 10.0, P)
+        assert p.version == 0 and p.is_cold and not p.reset
+        apply_click(p, "i1", 7, unit(1), "One", "a", "tv", 1.0, 10.0, P)
         apply_query(p, "hello", unit(2), "tv", "e2", 11.0, P)
-        assert await store.commit(p, 0, ["i1"], ["e1", "e2"]) == 1
+        p.applied.record(Applied.source("events", 0), 5, "e2", P.recent_events)
+        assert await store.commit([Write(p, 0)]) == [True] and p.version == 1
         q = (await store.load(["u1"]))["u1"]
-        assert q.version == 1 and q.seen == {"i1"} and q.clicks == 1 and q.queries == 1
-        assert np.allclose(q.long, p.long) and np.allclose(q.scenes["tv"], p.scenes["tv"])
+        assert q.version == 1 and q.seen == {7} and q.clicks == 1 and q.queries == 1
+        assert np.allclose(q.long, p.long, atol=0.01) and np.allclose(q.scenes["tv"], p.scenes["tv"], atol=0.01)
         assert [e.kind for e in q.explainers] == ["click", "query"]
-        assert await store.applied([("u1", "e1"), ("u1", "e9"), ("u2", "e1")]) == [True, False, False]
-        with pytest.raises(ConflictError):  # stale version
-            await store.commit(p, 0, [], ["e3"])
-        with pytest.raises(ConflictError):  # event already applied
-            await store.commit(q, 1, [], ["e1"])
-        assert (await store.load(["u1"]))["u1"].version == 1
+        assert q.applied.seen_before(Applied.source("events", 0), 5, "x")
+        stale = (await store.load(["u1"]))["u1"]
+        assert await store.commit([Write(q, 1), Write(Profile("u2"), 0)]) == [True, True]
+        assert await store.commit([Write(stale, 1), Write(Profile("u2"), 0)]) == [False, False]  # both changed
+        assert (await store.load(["u1"]))["u1"].version == 2
+        if await store.memory_usage("u1"):  # Redis: the bytes of the one key a user has
+            assert 100 < await store.memory_usage("u1") < 1000
     run(url, go)
 
 
-def test_dedupe_window_keeps_the_latest_events(url):
-    async def go(store):
-        p = Profile(user_id="u")
-        for n in range(5):
-            await store.commit(p, n, [], [f"e{n}"])
-        assert await store.applied([("u", f"e{n}") for n in range(5)]) == [False, False, True, True, True]
-    run(url, go)
-
-
-def test_forget_removes_everything(url):
+def test_forget_leaves_a_tombstone_that_recognises_redeliveries(url):
     async def go(store):
         p = Profile(user_id="gone")
-        apply_click(p, "i1", unit(1), "One", "a", None, 1.0, "e1", 1.0, P)
-        await store.commit(p, 0, ["i1"], ["e1"])
-        await store.forget("gone")
+        apply_click(p, "i1", 1, unit(1), "One", "a", None, 1.0, 1.0, P)
+        p.applied.record(Applied.source("events", 3), 40, "e1", P.recent_events)
+        await store.commit([Write(p, 0)])
+        await store.commit([Write(Profile(user_id="gone", applied=p.applied), 1, forgotten=True)])
         q = (await store.load(["gone"]))["gone"]
-        assert q.version == 0 and q.is_cold and not q.seen
-        assert await store.applied([("gone", "e1")]) == [False]
+        assert q.version == 2 and q.is_cold and not q.seen and not q.history and q.clicks == 0
+        assert q.applied.seen_before(Applied.source("events", 3), 40, "other")
+    run(url, go)
+
+
+def test_unreadable_records_give_a_fresh_profile_with_the_reason(url):
+    async def go(store):
+        if url == "memory://":
+            store.corrupt("bad", b"not a record")
+        else:
+            key = store.user_key("bad")
+            await store.redis.hset(key, "meta", "{}")  # another type under the user's key
+            store_other = store.user_key("junk")
+            await store.redis.set(store_other, b"SR\x07garbage")
+        p = (await store.load(["bad"]))["bad"]
+        assert p.reset and p.version == 0 and p.is_cold
+        assert await store.commit([Write(p, 0)]) in ([True], [False])
+        assert await store.commit([Write(p, p.version, replace=True)]) == [True]
+        assert not (await store.load(["bad"]))["bad"].reset
+        if url != "memory://":
+            assert "schema 7" in (await store.load(["junk"]))["junk"].reset
+    run(url, go)
+
+
+def test_effects_apply_once_per_source_offset_whatever_the_batching(url):
+    async def go(store):
+        batch = clicks((0, "a", []), (1, "b", ["a"]), (2, "a", ["a", "b"]), (3, "c", ["b", "a"], "tv", 10.0))
+        batch.count("events:0", 0, "events_in")
+        batch.count("events:0", 3, "events_in")
+        batch.count("events:0", 3, "redelivered")
+        await store.apply(batch)
+        await store.apply(batch)  # the same batch again
+        again = clicks((2, "a", ["a", "b"]), (3, "c", ["b", "a"], "tv", 10.0), (4, "b", ["c"]))
+        await store.apply(again)  # overlapping: only offset 4 is new
+        pop = dict(await store.popular(None, 10))
+        assert pop["a"] == pytest.approx(2.0, rel=1e-3) and pop["b"] == pytest.approx(2.0, rel=1e-3)
+        assert pop["c"] == pytest.approx(2 ** (10 / 3600), rel=1e-3)
+        assert [i for i, _ in await store.popular("tv", 1)] == ["c"]
+        co = await store.cooccurring(["a", "b", "c"], 5)
+        # co(a,b): offsets 1 and 2 (a clicked after b) -> 2; co(b,c): 3 and 4 -> 2; co(a,c): 3 -> 1
+        assert dict(co["b"])["a"] == pytest.approx(2 / math.sqrt(2 * 2), rel=1e-3)
+        assert dict(co["b"])["c"] == pytest.approx(2 / math.sqrt(2 * 1), rel=1e-3)
+        assert dict(co["a"])["c"] == pytest.approx(1 / math.sqrt(2 * 1), rel=1e-3)
+        stats = await store.stats()
+        assert stats["events_in"] == 2 and stats["redelivered"] == 2  # per delivery
+        other = clicks((0, "a", []), source="replayed:0")  # another source has its own watermark
+        await store.apply(other)
+        assert dict(await store.popular(None, 1))["a"] == pytest.approx(3.0, rel=1e-3)
     run(url, go)
 
 
 def test_popularity_decays_with_event_time_and_survives_rescaling(url):
     async def go(store):
-        await store.bump_popularity([PopularityUpdate("old", None, 0.0, 1.0) for _ in range(4)])
+        await store.apply(clicks(*[(n, "old", []) for n in range(4)]))
         # 3 half-lives later one click outweighs four old ones (4 / 2**3 < 1)
-        await store.bump_popularity([PopularityUpdate("new", "tv", 3 * 3600.0, 1.0)])
+        await store.apply(clicks((4, "new", [], "tv", 3 * 3600.0)))
         assert [i for i, _ in await store.popular(None, 2)] == ["new", "old"]
         # far in the future (past the rescaling point) the order still follows decayed weight
-        await store.bump_popularity([PopularityUpdate("later", None, 100 * 3600.0, 1.0),
-                                     PopularityUpdate("later", None, 100 * 3600.0, 1.0),
-                                     PopularityUpdate("new", None, 100 * 3600.0, 1.0)])
+        await store.apply(clicks((5, "later", [], None, 100 * 3600.0), (6, "later", [], None, 100 * 3600.0),
+                                 (7, "new", [], None, 100 * 3600.0)))
         top = await store.popular(None, 3)
         assert [i for i, _ in top] == ["later", "new", "old"]
         assert top[0][1] == pytest.approx(2 * top[1][1], rel=1e-6)
         assert [i for i, _ in await store.popular("tv", 1)] == ["new"]
-        await store.remove_items(["later"], ())
+        await store.remove_items(["later"])
         assert "later" not in [i for i, _ in await store.popular(None, 5)]
     run(url, go)
 
 
-def test_cooccurrence_counts_normalises_keeps_the_most_frequent_and_forgets_removed_items(url):
-    from streams.stores.profiles import CoClick
-
+def test_cooccurrence_keeps_the_strongest_partners_so_new_ones_displace_stale_ones(url):
     async def go(store):
         assert await store.cooccurring(["a"], 5) == {"a": []}
-        # three users click a then b; one clicks a then c; b is also clicked after d, e, f, g
-        await store.bump_cooccurrence([CoClick("a", []), CoClick("b", ["a"])] * 3
-                                      + [CoClick("a", []), CoClick("c", ["a", "a"])]
-                                      + [CoClick(x, []) for x in "defg"] + [CoClick("b", ["d", "e", "f", "g", "b"])])
-        got = await store.cooccurring(["a", "b", "zz"], 5)
-        # a: 4 clicks, b: 4 clicks, c: 1 click; co(a,b) = 3, co(a,c) = 1 (c's repeated 'a' counts once)
-        assert [x for x, _ in got["a"]] == ["b", "c"] and got["zz"] == []
-        assert got["a"][0][1] == pytest.approx(3 / math.sqrt(4 * 4)) and got["a"][1][1] == pytest.approx(1 / math.sqrt(4 * 1))
-        # b has partners a (3) and d, e, f, g (1 each): 3 kept, a and the greatest ids of the ties (f, g)
-        assert [x for x, _ in got["b"]] == ["a", "f", "g"]
-        assert (await store.cooccurring(["a"], 1))["a"] == got["a"][:1]
-        await store.remove_items(["b"], ())
-        assert [x for x, _ in (await store.cooccurring(["a"], 5))["a"]] == ["c"]
+        # at t=0, a is clicked with d, e, f (3 partners, the most kept); an hour later with g
+        await store.apply(clicks((0, "a", ["d", "e", "f"]), (1, "d", []), (2, "e", []), (3, "f", [])))
+        await store.apply(clicks((4, "a", ["g"], None, 3600.0), (5, "g", [], None, 3600.0)))
+        got = await store.cooccurring(["a"], 5)
+        assert got["a"][0][0] == "g" and len(got["a"]) == 3  # the newest partner is kept, the weakest old one went
+        await store.remove_items(["g"])
+        assert "g" not in [x for x, _ in (await store.cooccurring(["a"], 5))["a"]]
     run(url, go)
 
 
-def test_catalog_registry_and_stats(url):
+def test_catalog_numbers_registry_progress_and_stats(url):
     async def go(store):
+        first = await store.number_items(["a", "b", "a"])
+        assert first == {"a": 0, "b": 1}
+        assert await store.number_items(["c", "b"]) == {"c": 2, "b": 1}
         await store.add_items([("a", 1.0, "x"), ("b", 2.0, "y"), ("c", 3.0, "x")])
         assert await store.category_count() == 2
         assert [i for i, _ in await store.newest(2)] == ["c", "b"]
-        await store.remove_items(["c"], ())
+        await store.remove_items(["c"])
         assert [i for i, _ in await store.newest(5)] == ["b", "a"]
-        await store.incr_stats({"events_in": 3, "dead_letters": 1})
-        await store.incr_stats({"events_in": 2})
+        await store.set_catalog_progress({0: 5, 1: 2})
+        await store.set_catalog_progress({0: 3})  # never back
+        assert await store.catalog_progress() == {0: 5, 1: 2}
+        fx = Effects()
+        for off in range(3):
+            fx.count("events:1", off, "events_in")
+        fx.count("events:1", 2, "dead_letters")
+        await store.apply(fx)
+        await store.apply(fx)
         stats = await store.stats()
-        assert stats["events_in"] == 5 and stats["dead_letters"] == 1 and stats["events_applied"] == 0
+        assert stats["events_in"] == 3 and stats["dead_letters"] == 1 and stats["events_applied"] == 0
     run(url, go)
 
 
@@ -163,23 +221,26 @@ def index(request, tmp_path):
 
 
 def test_item_index_contract(index):
-    rows = [ItemRow(f"i{n}", unit(n), f"T{n}", "a" if n < 4 else "b", ("tv",), n != 3, float(n)) for n in range(8)]
+    rows = [ItemRow(f"i{n}", unit(n), f"T{n}", "a" if n < 4 else "b", ("tv",), n != 3, float(n), 100 + n)
+            for n in range(8)]
     index.upsert(rows)
     assert index.count() == 8
     got = index.get(["i1", "i5", "missing"])
     assert set(got) == {"i1", "i5"} and got["i5"].category == "b" and np.allclose(got["i1"].vector, unit(1))
+    assert got["i5"].no == 105
     hits = index.search(np.stack([unit(1), unit(3)]), 3)
     assert hits[0][0].item_id == "i1" and hits[0][0].similarity == pytest.approx(1.0, abs=1e-5)
+    assert hits[0][0].no == 101  # searches give catalog numbers, which seen sets hold
     assert "i3" not in [h.item_id for h in hits[1]]  # unavailable items are never returned
     assert index.get(["i3"])["i3"].available is False and got["i1"].available is True
-    index.upsert([ItemRow("i1", unit(2), "T1b", "a", (), True, 9.0)])  # replace
+    index.upsert([ItemRow("i1", unit(2), "T1b", "a", (), True, 9.0, 101)])  # replace
     assert index.get(["i1"])["i1"].title == "T1b" and index.count() == 8
     index.delete(["i2", "nope"])
     assert index.count() == 7
     assert "i2" not in [h.item_id for h in index.search(np.stack([unit(2)]), 8)[0]]
-    # excluded ids are never returned, for every row, and the limit is still filled from the rest
+    # excluded items are never returned, for every row, and the limit is still filled from the rest
     q = unit(4) + 0.5 * unit(5) + 0.25 * unit(6) + 0.1 * unit(7)
-    excl = index.search(np.stack([q / np.linalg.norm(q), unit(5)]), 3, exclude={"i4", "i5", 'say "hi"'})
+    excl = index.search(np.stack([q / np.linalg.norm(q), unit(5)]), 3, exclude={104, 105, 999})
     assert all(len(row) == 3 and not {"i4", "i5"} & {h.item_id for h in row} for row in excl)
     assert [h.item_id for h in excl[0]][:2] == ["i6", "i7"]
 
@@ -194,7 +255,7 @@ def test_milvus_index_loads_a_released_collection_again(stack):
     ix = open_item_index(stack.milvus_uri, DIM, name)
     other = milvus_client(stack.milvus_uri)
     try:
-        ix.upsert([ItemRow(f"i{n}", unit(n), f"T{n}", "a", (), True, float(n)) for n in range(4)])
+        ix.upsert([ItemRow(f"i{n}", unit(n), f"T{n}", "a", (), True, float(n), n) for n in range(4)])
         for read in (lambda: ix.search(np.stack([unit(1)]), 1)[0][0].item_id, lambda: sorted(ix.get(["i1"])),
                      lambda: ix.count()):
             other.release_collection(name)
