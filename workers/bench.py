@@ -69,6 +69,8 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         _say(f"click stream paced at half that throughput ({paced_rate} events/s)")
         repeat = [{**e, "event_id": "p-" + e["event_id"]} for e in evs[: max(1, len(evs) // 4)]]
         paced = _stream(log, s, repeat, worker, rate=paced_rate)
+        _say("memory per user: 1,000 clicks by each of 4 users, in one scene")
+        memory = _bytes_per_user(log, s, worker, r, catalog)
         worker.stop()
         _say("measuring the parts alone")
         limits = asyncio.run(_limits(s, catalog))
@@ -79,6 +81,7 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         "query_stream": queries,
         "paced_click_stream": paced,
         "limits": limits,
+        "redis_bytes_per_user": memory,
         "ratios": {
             "click_eps_over_milvus_queries_per_s": round(clicks["events_per_s"] / limits["milvus_searches_per_s"], 3),
             "click_eps_over_redis_updates_per_s": round(clicks["events_per_s"] / limits["redis_profile_updates_per_s"], 3),
@@ -90,10 +93,40 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
     return out
 
 
+def _bytes_per_user(log, s: Settings, worker: WorkerProcess, r, catalog: list[dict], users: int = 4,
+                    marks: tuple[int, ...] = (100, 1000)) -> dict[str, int]:
+    """Clicks through the worker by a few users, in one scene; at each mark of clicks per user,
+    the sum of ``MEMORY USAGE`` over every key of a user (the largest of the users)."""
+    import random
+
+    from streams.stores.redis_profiles import read_stats
+
+    rng = random.Random(5)
+    out: dict[str, int] = {}
+    done = 0
+    for mark in marks:
+        base = read_stats(r, s.key_prefix, s.state_shards)["events_applied"]
+        evs = [{"type": "click", "event_id": f"mem-{u}-{n}", "user_id": f"mem-{u}", "scene": "home",
+                "item_id": rng.choice(catalog)["item_id"]} for n in range(done, mark) for u in range(users)]
+        p = log.producer()
+        for ev in evs:
+            key, value = encode_line({**ev, "timestamp": time.time()})
+            p.send(s.topic_events, key=key, value=value)
+        p.flush()
+        wait_stat(r, s.key_prefix, "events_applied", base + len(evs), 600, worker)
+        sizes = []
+        for u in range(users):
+            keys = list(r.scan_iter(match=f"{s.key_prefix}:{{u:mem-{u}}}*", count=1000))
+            sizes.append(sum(int(r.memory_usage(k, samples=0) or 0) for k in keys))
+        out[str(mark)] = max(sizes)
+        done = mark
+    return out
+
+
 async def _limits(s: Settings, catalog: list[dict]) -> dict:
     from models.encoder import TextEncoder
     from models.profile import Profile, apply_click
-    from streams.stores import open_item_index, open_profile_store
+    from streams.stores import Write, open_item_index, open_profile_store
 
     enc = TextEncoder(s.encoder_model, s.encoder_device, s.encoder_max_length, s.encoder_batch_size,
                       s.encoder_threads)
@@ -114,20 +147,14 @@ async def _limits(s: Settings, catalog: list[dict]) -> dict:
     milvus_qps = sum(len(b) for b in batches) / (time.perf_counter() - t)
     index.close()
 
-    store = open_profile_store(s.redis_url, f"{s.key_prefix}-limit")
+    store = open_profile_store(s.redis_url, f"{s.key_prefix}-limit", s.store_options())
     n = 2000
     profiles = [Profile(user_id=f"u{i}") for i in range(n)]
     for p in profiles:
-        apply_click(p, "i0", vecs[0], "t", "c", "home", 1.0, "e0", 0.0, s.model)
-    versions = {p.user_id: 0 for p in profiles}
-
-    async def one(p: Profile, k: int) -> None:
-        await store.commit(p, versions[p.user_id], [f"i{k}"], [f"e{k}-{p.user_id}"])
-        versions[p.user_id] += 1
-
+        apply_click(p, "i0", 0, vecs[0], "t", "c", "home", 1.0, 0.0, s.model)
     t = time.perf_counter()
-    for start in range(0, n, 32):  # 32 commits in flight, as the worker's batches do at most
-        await asyncio.gather(*(one(p, 1) for p in profiles[start:start + 32]))
+    for start in range(0, n, 32):  # 32 profiles per round trip, as the worker writes a batch's users
+        await store.commit([Write(p, p.version) for p in profiles[start:start + 32]])
     redis_ups = n / (time.perf_counter() - t)
     await store.close()
     return {"encoder_texts_per_s": round(encoder_tps, 1), "milvus_searches_per_s": round(milvus_qps, 1),

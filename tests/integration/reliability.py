@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from models.params import ModelParams
+from models.profile import Applied, Profile
+from streams.stores import codec
 from workers.runner import encode_line
 from workers.stack import free_port, port_open, redis_server_bin, wait_for
 
-FIELDS = ("events_sent", "applied_once", "lost", "applied_twice", "kills", "rebalances", "outages",
+FIELDS = ("events_sent", "applied_once", "lost", "applied_twice", "counters_off_by", "kills", "rebalances", "outages",
           "bad_inputs_tried", "dead_lettered", "crashes")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,52 +74,83 @@ class ReliabilityReport:
 
 # -- the audit --------------------------------------------------------------------------------------
 
-def user_keys(prefix: str, user_id: str) -> tuple[str, str]:
-    """The profile hash and the applied-event-ids zset of a user (as the Redis profile store keeps them)."""
-    base = f"{prefix}:{{u:{user_id}}}"
-    return base + ":p", base + ":ev"
+def profiles(r, prefix: str, users: Iterable[str]) -> dict[str, Optional[Profile]]:
+    """The stored profile of each of ``users`` (``None`` where there is none), as the Redis
+    profile store keeps it: one record per user."""
+    users = list(users)
+    pipe = r.pipeline(transaction=False)
+    for u in users:
+        pipe.get(f"{prefix}:{{u:{u}}}")
+    return {u: codec.decode(u, raw)[0] if raw else None for u, raw in zip(users, pipe.execute())}
 
 
 def applications(r, prefix: str, users: Iterable[str]) -> int:
     """Events applied so far to ``users`` (each application counted, a repeated one too)."""
-    users = list(users)
-    pipe = r.pipeline(transaction=False)
-    for u in users:
-        pipe.hget(user_keys(prefix, u)[0], "evseq")
-    return sum(int(v or 0) for v in pipe.execute())
+    return sum(p.applied.count for p in profiles(r, prefix, users).values() if p is not None)
 
 
-def audit(r, prefix: str, events: list[dict], answers: dict[str, int]) -> dict:
+def expected_counters(events: list[dict], params: ModelParams = ModelParams()) -> dict[str, int]:
+    """Per-item effects that the events should have made, counted the way the pipeline makes them:
+    each click adds one to its item's clicks, and a co-click each way with each distinct other item
+    among the user's last ``cooccur_window`` clicks in a history of ``history_size`` events."""
+    history: dict[str, list[tuple[str, str]]] = {}
+    clicks = pairs = 0
+    for e in events:
+        h = history.setdefault(e["user_id"], [])
+        if e["type"] == "forget":
+            h.clear()
+            continue
+        if e["type"] == "click":
+            earlier = [i for kind, i in h if kind == "click"][-params.cooccur_window:]
+            clicks += 1
+            pairs += 2 * len(set(earlier) - {e["item_id"]})
+        h.append((e["type"], e.get("item_id", "")))
+        del h[: max(0, len(h) - params.history_size)]
+    return {"clicks": clicks, "pairs": pairs}
+
+
+def audit(r, prefix: str, events: list[dict], answers: dict[str, int], shards: int = 16) -> dict:
     """Every event against what Redis holds and what the output topic has.
 
-    Per user, the applied-events zset holds each applied event id once, the profile's ``evseq``
-    counts every application, and the profile's own click and query counters count every event
-    the model applied; an event applied twice shows as either count exceeding the set's size.
+    Per user, the stored profile counts the events it took in since its last forget and sums
+    their id hashes (``Applied``), and counts clicks and queries on its own; an event lost or
+    applied twice moves the count or the sum away from what the sent events give. Per-item state
+    is audited by the totals of applied clicks and co-clicks that the shards keep beside their
+    counters (``counters_off_by``: how far they are from what the events should give).
     ``answers`` maps a trigger event id to the number of lists seen for it."""
-    by_user: dict[str, list[str]] = {}
+    by_user: dict[str, list[dict]] = {}
     for e in events:
-        by_user.setdefault(e["user_id"], []).append(e["event_id"])
-    pipe = r.pipeline(transaction=False)
-    for u in by_user:
-        p, ev = user_keys(prefix, u)
-        pipe.zrange(ev, 0, -1)
-        pipe.hget(p, "evseq")
-        pipe.hget(p, "meta")
-    rows = pipe.execute()
-    out = {"events_sent": len(events), "applied_once": 0, "lost": 0, "applied_twice": 0, "applied_unsent": 0}
-    for i, (u, sent_ids) in enumerate(by_user.items()):
-        ids = {x.decode() for x in rows[3 * i]}
-        seq = int(rows[3 * i + 1] or 0)
-        meta = json.loads(rows[3 * i + 2]) if rows[3 * i + 2] else {"clicks": 0, "queries": 0}
-        sent = set(sent_ids)
-        assert len(sent) == len(sent_ids), f"event ids of {u} repeat in the input"
-        twice = max(seq - len(ids), meta["clicks"] + meta["queries"] - len(ids), 0)
-        applied = len(sent & ids)
-        out["lost"] += len(sent - ids)
-        out["applied_unsent"] += len(ids - sent)
+        by_user.setdefault(e["user_id"], []).append(e)
+    stored = profiles(r, prefix, by_user)
+    out = {"events_sent": len(events), "applied_once": 0, "lost": 0, "applied_twice": 0}
+    for u, evs in by_user.items():
+        ids = [e["event_id"] for e in evs]
+        assert len(set(ids)) == len(ids), f"event ids of {u} repeat in the input"
+        last_forget = max((i for i, e in enumerate(evs) if e["type"] == "forget"), default=0)
+        since = evs[last_forget:]  # a forget starts the count again, itself included
+        n, digest = Applied.expected([e["event_id"] for e in since])
+        p = stored[u]
+        count = p.applied.count if p else 0
+        model = (p.clicks + p.queries) if p else 0
+        want_model = sum(e["type"] in ("click", "query") for e in since)
+        twice = max(count - n, model - want_model, 0)
+        lost = max(n - count, 0)
+        if count == n and p is not None and p.applied.digest != digest:  # as many, but not the same ones
+            lost, twice = lost + 1, twice + 1
+        out["lost"] += lost
         out["applied_twice"] += twice
-        out["applied_once"] += applied - min(twice, applied)
-    out["answered"] = sum(1 for e in events if answers.get(e["event_id"], 0) > 0)
+        out["applied_once"] += len(evs) - lost - twice if lost or twice else len(evs)
+    pipe = r.pipeline(transaction=False)
+    for k in range(shards):
+        pipe.hmget(f"{prefix}:{{s:{k}}}:m", ["clicks", "pairs"])
+    got = {"clicks": 0, "pairs": 0}
+    for c, pr in pipe.execute():
+        got["clicks"] += int(c or 0)
+        got["pairs"] += int(pr or 0)
+    want = expected_counters(events)
+    out["counters"] = {"clicks": [got["clicks"], want["clicks"]], "co_clicks": [got["pairs"], want["pairs"]]}
+    out["counters_off_by"] = abs(got["clicks"] - want["clicks"]) + abs(got["pairs"] - want["pairs"])
+    out["answered"] = sum(1 for e in events if answers.get(e["event_id"], 0) > 0 or e["type"] == "forget")
     out["unanswered"] = len(events) - out["answered"]
     out["republished"] = sum(max(n - 1, 0) for n in answers.values())
     return out

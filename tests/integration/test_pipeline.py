@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from streams.stores.profiles import decode_profile
+from streams.stores import codec
 from tests.integration.conftest import BY_ID, items_of
 from workers.runner import read_outputs, wait_stat
 
@@ -34,8 +34,7 @@ def test_clicks_on_one_category_dominate_the_list(harness):
     assert len(last["items"]) == 10
     assert share(last, "cooking") >= 0.7, last["items"]  # chance is 1/8
     # the interest distribution is concentrated on the clicked category
-    fields = harness.redis.hgetall(f"{harness.prefix}:{{u:alice}}:p")
-    profile = decode_profile("alice", fields, [])
+    profile, _ = codec.decode("alice", harness.redis.get(f"{harness.prefix}:{{u:alice}}"))
     assert max(profile.interest, key=profile.interest.get) == "cooking"
 
 
@@ -167,7 +166,7 @@ def test_malformed_input_goes_to_the_dead_letter_topic_and_counts_balance(harnes
 def test_the_same_event_twice_changes_the_profile_once(harness):
     e = harness.click("ivy", items_of("fitness")[0], event_id="dup-1")
     harness.run([e])
-    before = harness.redis.hgetall(f"{harness.prefix}:{{u:ivy}}:p")
+    before = harness.redis.get(f"{harness.prefix}:{{u:ivy}}")
     again = dict(e)
     harness.send([again])
     second = harness.log.read(harness.settings.topic_recommendations,
@@ -175,9 +174,9 @@ def test_the_same_event_twice_changes_the_profile_once(harness):
                               timeout_s=60)
     dups = [json.loads(x.value) for x in second if json.loads(x.value)["trigger_event_id"] == "dup-1"]
     assert [m["duplicate"] for m in dups] == [False, True]
-    after = harness.redis.hgetall(f"{harness.prefix}:{{u:ivy}}:p")
+    after = harness.redis.get(f"{harness.prefix}:{{u:ivy}}")
     assert before == after
-    profile = decode_profile("ivy", after, [])
+    profile, _ = codec.decode("ivy", after)
     assert profile.clicks == 1 and profile.version == 1
     stats = wait_stat_all(harness, {"duplicates": 1})
     assert stats["events_applied"] == 1 and stats["duplicates"] == 1
@@ -185,15 +184,18 @@ def test_the_same_event_twice_changes_the_profile_once(harness):
 
 def test_a_forgotten_user_is_deleted_gets_nothing_and_starts_afresh_on_return(harness):
     r = harness.redis
-    keys = [f"{harness.prefix}:{{u:gina}}:{k}" for k in ("p", "seen", "ev")]
+    key = f"{harness.prefix}:{{u:gina}}"
     clicks = [harness.click("gina", i) for i in items_of("jazz")[:3]]
     harness.run(clicks)
-    assert all(r.exists(k) for k in keys)
+    assert codec.decode("gina", r.get(key))[0].clicks == 3
     forget = {"type": "forget", "event_id": harness.next_id(), "user_id": "gina", "timestamp": time.time()}
     req = harness.request("gina", k=5)
     harness.send([forget])
     wait_stat(r, harness.prefix, "users_forgotten", 1, 60, harness.worker)
-    assert not any(r.exists(k) for k in keys)  # profile, seen set and applied-event ids are gone
+    tomb, forgotten = codec.decode("gina", r.get(key))
+    # only a tombstone is left: no vectors, history, interests or seen items, and it expires
+    assert forgotten and tomb.is_cold and not tomb.seen and not tomb.history and not tomb.interest
+    assert 0 < r.pttl(key) <= harness.settings.forget_ttl_s * 1000
     after = harness.run([req])[req["request_id"]]
     assert after["cold_start"] is True  # nothing personal is left to recommend from
     recs = read_outputs(harness.log, harness.settings.topic_recommendations, [c["event_id"] for c in clicks], 30)
@@ -201,5 +203,6 @@ def test_a_forgotten_user_is_deleted_gets_nothing_and_starts_afresh_on_return(ha
     back = harness.click("gina", items_of("cooking")[0])
     again = harness.run([back])[back["event_id"]]
     assert again["cold_start"] is False
-    p = decode_profile("gina", r.hgetall(keys[0]), r.smembers(keys[1]))
-    assert p.clicks == 1 and p.seen == {items_of("cooking")[0]}  # a new profile, from the return only
+    p, forgotten = codec.decode("gina", r.get(key))
+    assert not forgotten and p.clicks == 1 and len(p.seen) == 1 and r.pttl(key) == -1  # a new profile, from the return only
+    assert [h["item_id"] for h in p.history] == [items_of("cooking")[0]]
