@@ -5,9 +5,13 @@ A batch runs in three steps: ``process_*`` computes everything (lists, new profi
 effects) and writes nothing; the agent publishes the messages; :meth:`Pipeline.commit` then
 applies the effects and writes the profiles; the agent acks. Every effect carries its event's
 (source, offset), and every profile says which events it holds, so a batch that runs again after
-a crash or a retry applies no event twice. A list is marked ``duplicate`` only when its event was
-already applied, and so its list already published; such a list is made from the profile as it is
-now (after the user's later events), not as it was right after the event.
+a crash or a retry applies no event twice.
+
+A list is marked ``duplicate`` only when it was published before: its event is applied to the
+profile, or its batch's effects are (both come after the publish). Such a list is made from the
+state as it is now (the profile after the user's later events), not as it was right after the
+event. An event whose batch stopped between the publish and the effects gets its list again
+unmarked, made from the same state.
 """
 
 from __future__ import annotations
@@ -255,11 +259,14 @@ class Pipeline:
         for m, e in valid:
             by_user.setdefault(e.user_id, []).append((m, e))
         profiles = await self.load_profiles(list(by_user))
+        # a batch whose effects were applied had its lists out: they go again marked duplicate
+        published = await self.profiles.published({source_of(m) for m, _ in valid}) if valid else {}
         flat: list[tuple[RawMessage, _Answer]] = []
         for u, user_events in by_user.items():
             for (m, _), a in zip(user_events, self._apply_user(profiles[u], user_events, items, query_vectors, out),
                                  strict=True):
                 if a is not None:
+                    a.duplicate = a.duplicate or m.offset <= published.get(source_of(m), -1)
                     flat.append((m, a))
         # Lists see popularity and co-clicks as they were before this batch: never a click that
         # comes after their event.

@@ -117,11 +117,12 @@ def redis_probe(settings: Settings) -> Probe:
     """PING with the store's URL and options."""
 
     async def check(timeout_s: float) -> None:
-        import redis.asyncio as aioredis
         from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
 
-        r = aioredis.from_url(settings.redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-                              **redis_options(settings))
+        from streams.stores.redis_profiles import connect
+
+        r = connect(settings.redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                    **redis_options(settings))
         try:
             await r.ping()
         except AuthenticationError as exc:

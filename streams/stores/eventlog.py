@@ -125,23 +125,37 @@ class KafkaEventLog:
             consumer.close()
 
     def end_offsets(self, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
-        """Per partition of ``topic``, the offset its next record will get (one consumer, kept)."""
+        """Per partition of ``topic``, the offset its next record will get: the high watermark of
+        a fetch response. (Tansu answers ListOffsets for the latest offset with a lower number,
+        and a consumer takes that answer as its high watermark, so it is not asked.)"""
         from kafka import KafkaConsumer, TopicPartition
 
-        if getattr(self, "_offsets", None) is None:
-            self._offsets = KafkaConsumer(**self._common(), enable_auto_commit=False, group_id=None,
-                                          request_timeout_ms=int(timeout_s * 1000) + 1000)
-        parts = self._offsets.partitions_for_topic(topic)
-        if not parts:
-            self._offsets.topics()  # refresh metadata once
-            parts = self._offsets.partitions_for_topic(topic) or set()
-        ends = self._offsets.end_offsets([TopicPartition(topic, p) for p in sorted(parts)])
-        return {tp.partition: int(off) for tp, off in ends.items()}
+        c = KafkaConsumer(**self._common(), enable_auto_commit=False, group_id=None, fetch_max_wait_ms=50,
+                          max_partition_fetch_bytes=4096, request_timeout_ms=int(timeout_s * 1000) + 1000)
+        try:
+            parts = c.partitions_for_topic(topic)
+            if not parts:
+                c.topics()  # refresh metadata once
+                parts = c.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            c.assign(tps)
+            c.seek_to_beginning(*tps)  # a fetch from anywhere carries the high watermark; none is read past one record
+            deadline = time.monotonic() + timeout_s
+            seen: dict[int, int] = {}
+            while len(seen) < len(tps):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no fetch answer for partitions {sorted({p.partition for p in tps} - set(seen))} "
+                                       f"of {topic} in {timeout_s:.0f} s")
+                c.poll(timeout_ms=100, max_records=1, update_offsets=False)
+                for tp in tps:
+                    hw = c.highwater(tp)
+                    if hw is not None:
+                        seen[tp.partition] = int(hw)
+        finally:
+            c.close()
+        return seen
 
     def close(self) -> None:
-        if getattr(self, "_offsets", None) is not None:
-            self._offsets.close()
-            self._offsets = None
         if self._producer is not None:
             self._producer.close()
             self._producer = None

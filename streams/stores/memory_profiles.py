@@ -98,6 +98,9 @@ class MemoryProfileStore(ProfileStore):
     def _co_weight(self, t: float) -> float:
         return decayed_weight(t, self._ref if self._ref is not None else t, self.o.cooccur_halflife_s, 1.0)
 
+    async def published(self, sources: Sequence[str]) -> dict[str, int]:
+        return {src: self._wm.get((shard_of(src, self.o.shards), src), -1) for src in sources}
+
     async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
         for i in item_ids:
             self._numbers.setdefault(i, len(self._numbers))

@@ -96,6 +96,12 @@ class ProfileStore(abc.ABC):
         """Apply per-item effects and stats, each (source, offset) at most once, ever."""
 
     @abc.abstractmethod
+    async def published(self, sources: Sequence[str]) -> dict[str, int]:
+        """Per source, the last offset whose stats were applied (-1 for none): every message of a
+        batch counts in the stats, and a batch's lists are published before its effects, so the
+        events up to it had their lists out."""
+
+    @abc.abstractmethod
     async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
         """Catalog numbers of ``item_ids``: dense, assigned once per item, never reused."""
 

@@ -404,6 +404,14 @@ class RedisProfileStore(ProfileStore):
         await self._rescale(keys=[self.shard_key(k, "m"), *keys],
                             args=[field, repr(ref + shift * half), repr(math.pow(2.0, -shift))])
 
+    async def published(self, sources: Sequence[str]) -> dict[str, int]:
+        sources = list(dict.fromkeys(sources))
+        if not sources:
+            return {}
+        rows = await self._pipeline(lambda pipe: [pipe.hget(self.shard_key(self._shard(src), "m"), "w:" + src)
+                                                  for src in sources])
+        return {src: int(v) if v is not None else -1 for src, v in zip(sources, rows, strict=True)}
+
     async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
         ids = list(dict.fromkeys(item_ids))
         if not ids:
@@ -446,32 +454,37 @@ class RedisProfileStore(ProfileStore):
 
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
         S = self.o.shards
-        def build(pipe) -> None:
+
+        def first(pipe) -> None:
             for k in range(S):
                 pipe.hget(self.shard_key(k, "m"), "ref")
-                pipe.zrevrange(self.shard_key(k, "pop"), 0, n - 1, withscores=True)
                 if scene:
-                    pipe.zrevrange(self.shard_key(k, "pop:" + scene), 0, n - 1, withscores=True)
+                    pipe.zcard(self.shard_key(k, "pop:" + scene))
 
-        rows = await self._pipeline(build)
-        step = 3 if scene else 2
-        refs = [float(rows[k * step]) if rows[k * step] is not None else None for k in range(S)]
-        known = [r for r in refs if r is not None]
-        if not known:
+        rows = await self._pipeline(first)
+        step = 2 if scene else 1
+        refs = {k: float(rows[k * step]) for k in range(S) if rows[k * step] is not None}
+        if not refs or n <= 0:
             return []
-        base = max(known)
-        merged_global: list[tuple[str, float]] = []
-        merged_scene: list[tuple[str, float]] = []
-        for k in range(S):
-            if refs[k] is None:
-                continue
-            f = math.pow(2.0, (refs[k] - base) / self.o.popularity_halflife_s)
-            merged_global += [(i.decode(), s * f) for i, s in rows[k * step + 1]]
-            if scene:
-                merged_scene += [(i.decode(), s * f) for i, s in rows[k * step + 2]]
-        table = merged_scene if scene and len(merged_scene) >= n else merged_global
-        table.sort(key=lambda kv: (-kv[1], kv[0]))
-        return table[:n]
+        name = "pop:" + scene if scene and sum(int(rows[k * 2 + 1]) for k in range(S)) >= n else "pop"
+        base = max(refs.values())
+        factor = {k: math.pow(2.0, (r - base) / self.o.popularity_halflife_s) for k, r in refs.items()}
+        # Each shard's top entries, merged: a shard is asked for more only while all it gave ranks
+        # above the n-th best so far (one round trip unless popularity is lopsided across shards).
+        got: dict[int, list[tuple[str, float]]] = {k: [] for k in refs}
+        ask = {k: max(16, 2 * n // len(refs) + 8) for k in refs}
+        pending = list(refs)
+        while pending:
+            fetched = await self._pipeline(lambda pipe: [
+                pipe.zrevrange(self.shard_key(k, name), len(got[k]), ask[k] - 1, withscores=True) for k in pending])
+            for k, rs in zip(pending, fetched, strict=True):
+                got[k] += [(i.decode(), sc * factor[k]) for i, sc in rs]
+            merged = sorted((kv for rs in got.values() for kv in rs), key=lambda kv: (-kv[1], kv[0]))
+            cutoff = merged[n - 1][1] if len(merged) >= n else -math.inf
+            pending = [k for k in pending if len(got[k]) == ask[k] and got[k][-1][1] >= cutoff]
+            for k in pending:
+                ask[k] *= 4
+        return merged[:n]
 
     # -- catalog -------------------------------------------------------------------------------
 

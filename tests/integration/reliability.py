@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional
 from models.params import ModelParams
 from models.profile import Applied, Profile
 from streams.stores import codec
+from streams.stores.redis_profiles import read_stats
 from workers.runner import encode_line
 from workers.stack import free_port, port_open, redis_server_bin, wait_for
 
@@ -84,11 +85,6 @@ def profiles(r, prefix: str, users: Iterable[str]) -> dict[str, Optional[Profile
     return {u: codec.decode(u, raw)[0] if raw else None for u, raw in zip(users, pipe.execute())}
 
 
-def applications(r, prefix: str, users: Iterable[str]) -> int:
-    """Events applied so far to ``users`` (each application counted, a repeated one too)."""
-    return sum(p.applied.count for p in profiles(r, prefix, users).values() if p is not None)
-
-
 def expected_counters(events: list[dict], params: ModelParams = ModelParams()) -> dict[str, int]:
     """Per-item effects that the events should have made, counted the way the pipeline makes them:
     each click adds one to its item's clicks, and a co-click each way with each distinct other item
@@ -117,7 +113,11 @@ def audit(r, prefix: str, events: list[dict], answers: dict[str, int], shards: i
     applied twice moves the count or the sum away from what the sent events give. Per-item state
     is audited by the totals of applied clicks and co-clicks that the shards keep beside their
     counters (``counters_off_by``: how far they are from what the events should give).
-    ``answers`` maps a trigger event id to the number of lists seen for it."""
+    ``answers`` maps a trigger event id to its lists (:func:`count_answers`). An event whose
+    batch ran again after its list was out gets it again: marked ``duplicate`` when its state had
+    been written (made from the state now), else unmarked and, from the same state, the same
+    list; ``lists_differing`` counts events whose unmarked lists differ, and
+    ``duplicate_first`` those whose first list is marked (a list never out before)."""
     by_user: dict[str, list[dict]] = {}
     for e in events:
         by_user.setdefault(e["user_id"], []).append(e)
@@ -150,24 +150,30 @@ def audit(r, prefix: str, events: list[dict], answers: dict[str, int], shards: i
     want = expected_counters(events)
     out["counters"] = {"clicks": [got["clicks"], want["clicks"]], "co_clicks": [got["pairs"], want["pairs"]]}
     out["counters_off_by"] = abs(got["clicks"] - want["clicks"]) + abs(got["pairs"] - want["pairs"])
-    out["answered"] = sum(1 for e in events if answers.get(e["event_id"], 0) > 0 or e["type"] == "forget")
+    out["answered"] = sum(1 for e in events if answers.get(e["event_id"]) or e["type"] == "forget")
     out["unanswered"] = len(events) - out["answered"]
-    out["republished"] = sum(max(n - 1, 0) for n in answers.values())
+    out["republished"] = sum(max(len(ls) - 1, 0) for ls in answers.values())
+    out["republished_marked_duplicate"] = sum(dup for ls in answers.values() for dup, _ in ls)
+    out["lists_differing"] = sum(len({items for dup, items in ls if not dup}) > 1 for ls in answers.values())
+    out["duplicate_first"] = sum(ls[0][0] for ls in answers.values() if ls)
     return out
 
 
-def count_answers(log, topic: str, want: set[str], timeout_s: float, alive: Callable[[], bool]) -> dict[str, int]:
-    """Lists per trigger id on ``topic``, read until every id in ``want`` has one (or the deadline)."""
-    counts: dict[str, int] = {}
+def count_answers(log, topic: str, want: set[str], timeout_s: float,
+                  alive: Callable[[], bool]) -> dict[str, list[tuple[bool, tuple[str, ...]]]]:
+    """The lists on ``topic`` by trigger id, in the order published, each as (marked duplicate,
+    item ids); read until every id in ``want`` has one (or the deadline)."""
+    lists: dict[str, list[tuple[bool, tuple[str, ...]]]] = {}
     missing = set(want)
     for batch in log.tail(topic, timeout_s=timeout_s):
         for rec in batch:
-            tid = json.loads(rec.value)["trigger_event_id"]
-            counts[tid] = counts.get(tid, 0) + 1
+            msg = json.loads(rec.value)
+            tid = msg["trigger_event_id"]
+            lists.setdefault(tid, []).append((bool(msg["duplicate"]), tuple(i["item_id"] for i in msg["items"])))
             missing.discard(tid)
         if not missing or not alive():
             break
-    return counts
+    return lists
 
 
 def crashes_in(log_text: str) -> int:
@@ -182,7 +188,7 @@ def crashes_in(log_text: str) -> int:
 class Stream:
     """Publishes ``events`` to the harness's events topic in chunks, keeping at most ``window``
     unapplied, and runs ``hooks`` (progress threshold -> action) as progress passes them.
-    Progress is the number of applications Redis has recorded for the events' users."""
+    Progress is the number of events applied (stats count each once)."""
 
     h: object  # a tests.integration.conftest.Harness; its worker may be replaced by a hook
     events: list[dict]
@@ -191,7 +197,8 @@ class Stream:
     chunk: int = 16
 
     def progress(self) -> int:
-        return applications(self.h.redis, self.h.prefix, {e["user_id"] for e in self.events})
+        stats = read_stats(self.h.redis, self.h.prefix, self.h.settings.state_shards)
+        return stats["events_applied"] + stats["users_forgotten"]
 
     def run(self, timeout_s: float = 400) -> None:
         hooks = sorted(self.hooks, key=lambda h: h[0])

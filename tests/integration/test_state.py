@@ -37,8 +37,9 @@ def test_clicks_sent_while_the_catalog_is_being_indexed_wait_for_it(stack, tmp_p
 
 
 @pytest.mark.cluster
-def test_a_worker_keeps_its_state_on_a_redis_cluster(stack, tmp_path, redis_cluster):
-    h = Harness(stack, tmp_path, redis_url=redis_cluster.url, redis_wait_replicas=1)
+def test_a_worker_keeps_its_state_on_a_redis_cluster(embedded, tmp_path, redis_cluster):
+    """On the embedded broker only: what is under test is the Redis Cluster."""
+    h = Harness(embedded, tmp_path, redis_url=redis_cluster.url, redis_wait_replicas=1)
     try:
         h.catalog(CATALOG)
         clicks = [h.click(f"user-{n % 5}", item) for n, item in enumerate(items_of("cooking")[:6] + items_of("jazz")[:4])]

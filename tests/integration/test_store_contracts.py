@@ -154,6 +154,21 @@ def test_effects_apply_once_per_source_offset_whatever_the_batching(url):
     run(url, go)
 
 
+def test_popular_merges_the_shards_exactly_and_published_tells_what_was_applied(url):
+    async def go(store):
+        # item i clicked i % 23 + 1 times: ties and uneven shards; the top 40 come back exactly
+        fx = clicks(*[(off, f"i{i:03d}", []) for off, i in enumerate(i for i in range(120) for _ in range(i % 23 + 1))])
+        for off in range(len(fx.clicks)):  # as the pipeline does: every message counts in the stats
+            fx.count("events:0", off, "events_in")
+        await store.apply(fx)
+        want = sorted(((f"i{i:03d}", float(i % 23 + 1)) for i in range(120)), key=lambda kv: (-kv[1], kv[0]))[:40]
+        got = await store.popular(None, 40)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-6)
+        assert await store.published(["events:0", "other:1"]) == {"events:0": len(fx.clicks) - 1, "other:1": -1}
+    run(url, go)
+
+
 def test_popularity_decays_with_event_time_and_survives_rescaling(url):
     async def go(store):
         await store.apply(clicks(*[(n, "old", []) for n in range(4)]))

@@ -18,7 +18,7 @@ PARSERS = {"events": parse_event, "catalog": parse_catalog, "requests": parse_re
 SEEN: Counter = Counter()
 
 
-@settings(max_examples=1500, deadline=None, database=None,
+@settings(max_examples=1500, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(hostile(LIMITS, NOW, ITEMS))
 def test_every_hostile_message_is_rejected_with_a_reason(h: Hostile):

@@ -12,7 +12,8 @@ import pytest
 
 from models.params import ModelParams
 from schemas import Limits
-from streams.pipeline import ItemCache, Pipeline, RawMessage
+from models.profile import Applied
+from streams.pipeline import CatalogBehind, ItemCache, Pipeline, RawMessage
 from streams.stores import open_item_index, open_profile_store
 from workers import demo_data
 
@@ -323,3 +324,88 @@ def test_unavailable_items_are_never_recommended_however_popular_or_co_clicked()
     lists = recs(out) + recs(run_events(p, msgs([click("c1", "c", jazz)])))
     assert all(cooking not in [i["item_id"] for i in r["items"]] for r in lists)
     assert cooking not in dict(asyncio.run(p.profiles.popular(None, 100)))
+
+
+# -- exactly once, whatever step a batch stops at -------------------------------------------------
+
+def popularity(p, item):
+    return dict(asyncio.run(p.profiles.popular(None, 200))).get(item, 0.0)
+
+
+def test_a_batch_stopped_before_its_writes_runs_again_with_the_same_lists_unmarked(pipeline):
+    jazz = items_of("jazz")
+    batch = msgs([click("e1", "u", jazz[0]), click("e2", "u", jazz[1]), click("e3", "v", jazz[0])])
+    first = asyncio.run(pipeline.process_events(batch))  # published, then the worker died
+    again = run_events(pipeline, batch)
+    assert [r["items"] for r in recs(first)] == [r["items"] for r in recs(again)]
+    assert not any(r["duplicate"] for r in recs(again))
+    assert popularity(pipeline, jazz[0]) == pytest.approx(2.0)
+    assert asyncio.run(pipeline.profiles.stats())["events_applied"] == 3
+
+
+def test_a_batch_stopped_between_its_effects_and_its_profiles_applies_each_once(pipeline):
+    jazz = items_of("jazz")
+    batch = msgs([click("e1", "u", jazz[0]), click("e2", "u", jazz[1])])
+    out = asyncio.run(pipeline.process_events(batch))
+    asyncio.run(pipeline.profiles.apply(out.effects))  # the worker died before writing the profiles
+    again = run_events(pipeline, batch)
+    assert all(r["duplicate"] for r in recs(again))  # their lists were out already
+    p = asyncio.run(pipeline.profiles.load(["u"]))["u"]
+    assert p.clicks == 2 and p.applied.count == 2
+    assert popularity(pipeline, jazz[0]) == pytest.approx(1.0) and popularity(pipeline, jazz[1]) == pytest.approx(1.0)
+    stats = asyncio.run(pipeline.profiles.stats())
+    assert stats["events_applied"] == 2 and stats["events_in"] == 2 and stats["recommendations_out"] == 2
+
+
+def test_a_forget_in_a_redelivered_batch_neither_loses_nor_repeats_events(pipeline):
+    jazz = items_of("jazz")
+    batch = msgs([click("e1", "u", jazz[0]), {"type": "forget", "event_id": "e2", "user_id": "u", "timestamp": 1000.0},
+                  click("e3", "u", jazz[1])])
+    run_events(pipeline, batch)
+    after = asyncio.run(pipeline.profiles.load(["u"]))["u"]
+    again = run_events(pipeline, batch)
+    p = asyncio.run(pipeline.profiles.load(["u"]))["u"]
+    assert p.clicks == 1 and [h["item_id"] for h in p.history] == [jazz[1]] and p.version == after.version
+    assert (p.applied.count, p.applied.digest) == Applied.expected(["e2", "e3"])  # since the forget
+    assert again.stats.get("redelivered") == 3 and all(r["duplicate"] for r in recs(again))
+    stats = asyncio.run(pipeline.profiles.stats())
+    assert stats["events_applied"] == 2 and stats["users_forgotten"] == 1
+    assert popularity(pipeline, jazz[0]) == pytest.approx(1.0)
+
+
+def test_a_click_on_an_item_not_indexed_waits_for_the_catalog():
+    caught_up = [False]
+
+    async def gate():
+        return caught_up[0]
+
+    p = make_pipeline()
+    p.catalog_caught_up = gate
+    run_catalog(p, msgs(CATALOG[:10], "catalog"))
+    batch = msgs([click("e1", "u", CATALOG[20]["item_id"]), click("e2", "u", "never-indexed")])
+    with pytest.raises(CatalogBehind):  # the agent retries the batch later; nothing is dead-lettered
+        asyncio.run(p.process_events(batch))
+    run_catalog(p, msgs(CATALOG[10:30], "catalog"))  # the catalog catches up
+    caught_up[0] = True
+    out = run_events(p, batch)
+    assert [r["trigger_event_id"] for r in recs(out)] == ["e1"]
+    assert [json.loads(v)["error"] for _, v in out.dead_letters] == ["unknown_item"]
+
+
+def test_an_unreadable_profile_starts_again_and_is_counted(pipeline, caplog):
+    pipeline.profiles.corrupt("u", b"\x00not a profile")
+    out = run_events(pipeline, msgs([click("e1", "u", items_of("jazz")[0])]))
+    assert out.stats["profiles_reset"] == 1 and out.stats["events_applied"] == 1
+    assert "could not be read" in caplog.text
+    p = asyncio.run(pipeline.profiles.load(["u"]))["u"]
+    assert not p.reset and p.clicks == 1
+
+
+def test_a_profile_of_another_encoder_keeps_its_history_but_not_its_vectors(pipeline, caplog):
+    run_events(pipeline, msgs([click("e1", "u", items_of("jazz")[0])]))
+    stored = asyncio.run(pipeline.profiles.load(["u"]))["u"]
+    assert stored.encoder == pipeline.encoder.version
+    pipeline.encoder.version = "another:64"
+    p = asyncio.run(pipeline.load_profiles(["u"]))["u"]
+    assert p.long is None and p.short is None and p.seen == stored.seen and p.history == stored.history
+    assert "holds vectors of encoder" in caplog.text

@@ -343,3 +343,17 @@ def test_cause_names_the_type_once():
     assert cause(ConnectionRefusedError("refused")) == "ConnectionRefusedError: refused"
     assert cause(ValueError("ValueError: twice\nmore")) == "ValueError: twice"
     assert cause(TimeoutError()) == "TimeoutError"
+
+
+def test_a_cluster_url_gives_a_cluster_client_with_its_nodes_and_credentials():
+    from redis.asyncio.cluster import RedisCluster
+
+    from streams.stores.redis_profiles import connect
+
+    r = connect("redis+cluster://alice:s3cret@10.0.0.1:7000,10.0.0.2:7001")
+    assert isinstance(r, RedisCluster)
+    assert [(n.host, n.port) for n in r.nodes_manager.startup_nodes.values()] == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
+    kwargs = next(iter(r.nodes_manager.startup_nodes.values())).connection_kwargs
+    assert (kwargs["username"], kwargs["password"]) == ("alice", "s3cret")
+    s = Settings(_env_file=None, redis_url="rediss+cluster://10.0.0.1:7000", redis_ssl_cafile="/ca.pem")
+    assert redis_options(s) == {"ssl_ca_certs": "/ca.pem"}  # TLS files are allowed with a TLS cluster URL
