@@ -36,6 +36,7 @@ from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, 
                      RecommendationRequest, RecommendedItem, Recommendations, parse_catalog, parse_event,
                      parse_request)
 from schemas.validate import to_wire
+from streams.stores import codec
 from streams.stores.items import ItemIndex, ItemRow
 from streams.stores.profiles import ClickEffect, ConflictError, Effects, ProfileStore, Write
 
@@ -342,6 +343,7 @@ class Pipeline:
                         added.append(it.no)
                 else:
                     apply_query(profile, e.text, query_vectors[e.event_id], e.scene, e.event_id, e.timestamp, p)
+                codec.canonical(profile)
                 profile.applied.record(src, m.offset, e.event_id, p.recent_events)
                 out.count(m, "events_applied")
                 changed, forgotten = True, False

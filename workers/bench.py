@@ -69,7 +69,7 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         _say(f"click stream paced at half that throughput ({paced_rate} events/s)")
         repeat = [{**e, "event_id": "p-" + e["event_id"]} for e in evs[: max(1, len(evs) // 4)]]
         paced = _stream(log, s, repeat, worker, rate=paced_rate)
-        _say("memory per user: 1,000 clicks by each of 4 users, in one scene")
+        _say("memory per user: 1,000 clicks by each of 2 users, in one scene")
         memory = _bytes_per_user(log, s, worker, r, catalog)
         worker.stop()
         _say("measuring the parts alone")
@@ -93,7 +93,7 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
     return out
 
 
-def _bytes_per_user(log, s: Settings, worker: WorkerProcess, r, catalog: list[dict], users: int = 4,
+def _bytes_per_user(log, s: Settings, worker: WorkerProcess, r, catalog: list[dict], users: int = 2,
                     marks: tuple[int, ...] = (100, 1000)) -> dict[str, int]:
     """Clicks through the worker by a few users, in one scene; at each mark of clicks per user,
     the sum of ``MEMORY USAGE`` over every key of a user (the largest of the users)."""

@@ -141,6 +141,8 @@ def server_properties(log_dir: Path, port: int, controller_port: int, host: str 
         "share.coordinator.state.topic.min.isr": "1",
         "group.initial.rebalance.delay.ms": "0",
         "auto.create.topics.enable": "true",
+        # recordings replay with their original times: deleting by age would drop them at once
+        "log.retention.ms": "-1",
     }
 
 

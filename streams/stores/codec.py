@@ -10,7 +10,7 @@ Layout (little-endian), schema 2::
     u8 n explainers (u8 kind, str label, str ref, [vec for a query])*
     seen
 
-``str`` is a u8 length and UTF-8 bytes (cut at 255 bytes). ``vec`` is a u16 dimension (0: none), an
+``str`` is UTF-8 bytes after their length: a u8, or 255 and a u16. ``vec`` is a u16 dimension (0: none), an
 f32 scale and int8 components: cosine to the float32 vector stays above 0.9999. ``seen`` is the
 sorted catalog numbers of the clicked items, as LEB128 gaps or, when smaller, a bitmap over the
 catalog (so it never exceeds catalog size / 8 bytes). Click explainers keep no vector: the item
@@ -44,14 +44,14 @@ class _W:
         self.parts.append(struct.pack("<" + fmt, *v))
 
     def str(self, s: Optional[str]) -> None:
-        b = (s or "").encode()[:255]
+        b = (s or "").encode()[:65535]
         while b:  # never cut inside a UTF-8 sequence
             try:
                 b.decode()
                 break
             except UnicodeDecodeError:
                 b = b[:-1]
-        self.parts.append(bytes([len(b)]) + b)
+        self.parts.append((bytes([len(b)]) if len(b) < 255 else b"\xff" + struct.pack("<H", len(b))) + b)
 
     def vec(self, v: Optional[np.ndarray]) -> None:
         if v is None:
@@ -59,7 +59,7 @@ class _W:
             return
         v = np.asarray(v, dtype=np.float32)
         top = float(np.max(np.abs(v))) if v.size else 0.0
-        scale = top / 127.0 if top > 0 else 1.0
+        scale = np.float32(top / 127.0 if top > 0 else 1.0)
         self.pack("Hf", v.size, scale)
         self.parts.append(np.round(v / scale).astype(np.int8).tobytes())
 
@@ -79,9 +79,10 @@ class _R:
 
     def str(self) -> str:
         n = self.b[self.i]
-        s = self.b[self.i + 1: self.i + 1 + n].decode()
-        self.i += 1 + n
-        return s
+        self.i += 1
+        if n == 255:
+            n = self.one("H")
+        return self.take(n).decode()
 
     def take(self, n: int) -> bytes:
         if self.i + n > len(self.b):
@@ -96,6 +97,28 @@ class _R:
             return None
         scale = self.one("f")
         return np.frombuffer(self.take(dim), dtype=np.int8).astype(np.float32) * np.float32(scale)
+
+
+def _round(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    if v is None:
+        return None
+    v = np.asarray(v, dtype=np.float32)
+    top = float(np.max(np.abs(v))) if v.size else 0.0
+    scale = np.float32(top / 127.0 if top > 0 else 1.0)
+    return np.round(v / scale).astype(np.int8).astype(np.float32) * scale
+
+
+def canonical(p: Profile) -> None:
+    """Round ``p`` (in place) to what its record holds: int8 vectors, float32 numbers. Applied
+    after every event, the state right after an event is the same whether or not it was stored
+    and read back in between, so lists do not depend on how events are batched."""
+    p.long, p.short, p.intent = _round(p.long), _round(p.short), _round(p.intent)
+    p.scenes = {k: _round(v) for k, v in p.scenes.items()}
+    p.intent_strength = float(np.float32(p.intent_strength))
+    p.interest = {k: float(np.float32(v)) for k, v in p.interest.items()}
+    for e in p.explainers:
+        if e.kind != "click" and e.vector is not None:
+            e.vector = _round(e.vector)
 
 
 def encode_seen(seen: set[int]) -> bytes:

@@ -223,6 +223,8 @@ class RedisProfileStore(ProfileStore):
         self._number = self.redis.register_script(_NUMBER)
         self._progress = self.redis.register_script(_PROGRESS)
         self._remove = self.redis.register_script(_REMOVE)
+        self._replica_plan: list[tuple[Any, int]] = []
+        self._replicas_at = -1e9
 
     async def _pipeline(self, build: Callable[[Any], None], raise_on_error: bool = True) -> list:
         """Run the commands that ``build(pipe)`` queues in one non-transactional pipeline (split
@@ -297,6 +299,7 @@ class RedisProfileStore(ProfileStore):
         if not writes:
             return []
         records = [w.expected % 0xFFFFFFFF + 1 for w in writes]
+        plan = await self._replicas()
 
         def build(pipe) -> None:
             for w, version in zip(writes, records, strict=True):
@@ -304,30 +307,57 @@ class RedisProfileStore(ProfileStore):
                 self._script(pipe, self._commit, [self.user_key(w.profile.user_id)],
                              [struct.pack("<I", w.expected) if w.expected else b"",
                               codec.encode(w.profile, version, forgotten=w.forgotten), ttl, 1 if w.replace else 0])
+            self._queue_wait(pipe, plan)
 
         rows = await self._pipeline(build)
+        self._check_wait(plan, rows[len(writes):])
+        rows = rows[: len(writes)]
         done = []
         for w, version, ok in zip(writes, records, rows, strict=True):
             if int(ok) == 1:
                 w.profile.version = version
             done.append(int(ok) == 1)
-        await self._wait()
         return done
 
-    async def _wait(self) -> None:
-        """Wait until ``wait_replicas`` replicas of every primary hold the writes made so far, so
-        that a failover loses none of them; fewer after 5 s is an error (the batch is retried)."""
+    async def _replicas(self) -> list[tuple[Any, int]]:
+        """Each primary (``None`` for a single server) and how many replicas its writes must reach:
+        ``wait_replicas``, or fewer while fewer are connected (a promoted replica has none until
+        the old primary comes back; its writes then wait for none, and that is logged)."""
+        import time
+
         n = self.o.wait_replicas
         if n <= 0:
-            return
+            return []
+        now = time.monotonic()
+        if now - self._replicas_at > 1.0:
+            nodes = self.redis.get_primaries() if self.cluster else [None]
+            found = []
+            for node in nodes:
+                info = await (self.redis.info("replication", target_nodes=node) if node is not None
+                              else self.redis.info("replication"))
+                connected = int(info.get("connected_slaves", 0))
+                if connected < n:
+                    log.warning("Redis primary %s has %d replicas connected: its writes wait for %d, not %d",
+                                getattr(node, "name", self.url), connected, connected, n)
+                found.append((node, min(n, connected)))
+            self._replica_plan, self._replicas_at = found, now
+        return self._replica_plan
+
+    def _queue_wait(self, pipe, plan: list[tuple[Any, int]]) -> int:
+        """Queue ``WAIT`` for each primary at the end of ``pipe`` (the writes' own connections);
+        returns how many results they add."""
+        for node, want in plan:
+            kw = {"target_nodes": node} if node is not None else {}
+            pipe.execute_command("WAIT", want, 5000, **kw)
+        return len(plan)
+
+    @staticmethod
+    def _check_wait(plan: list[tuple[Any, int]], got: list) -> None:
         from redis.exceptions import TimeoutError as RedisTimeout
 
-        nodes = self.redis.get_primaries() if self.cluster else [None]
-        for node in nodes:
-            kw = {"target_nodes": node} if node is not None else {}
-            got = int(await self.redis.execute_command("WAIT", n, 5000, **kw))
-            if got < n:
-                raise RedisTimeout(f"writes reached {got} of {n} replicas in 5 s")
+        for (node, want), n in zip(plan, got, strict=True):
+            if int(n) < want:
+                raise RedisTimeout(f"writes reached {n} of {want} replicas of {getattr(node, 'name', 'Redis')} in 5 s")
 
     # -- per-item state ------------------------------------------------------------------------
 
@@ -354,6 +384,7 @@ class RedisProfileStore(ProfileStore):
             kind = "r" if name in DELIVERY_STATS else "s"
             shard(self._shard(source))["ops"] += [kind, source, offset, name, 0, n, 0]
         pending = {k: sh for k, sh in shards.items() if sh["ops"]}
+        plan = await self._replicas()
         for _attempt in range(4):
             if not pending:
                 break
@@ -371,8 +402,12 @@ class RedisProfileStore(ProfileStore):
                     self._script(pipe, self._apply, keys, args)
                     if sh["scenes"]:
                         pipe.hset(self.shard_key(k, "m"), mapping={"s:" + s: 1 for s in sh["scenes"]})
+                self._queue_wait(pipe, plan)
 
             rows = await self._pipeline(build)
+            if plan:
+                self._check_wait(plan, rows[-len(plan):])
+                rows = rows[: -len(plan)]
             results = [r for r in rows if isinstance(r, bytes)]
             again = {}
             for k, r in zip(order, results, strict=True):
@@ -382,7 +417,6 @@ class RedisProfileStore(ProfileStore):
             pending = again
         if pending:
             raise RuntimeError(f"shards {sorted(pending)} kept asking for a new decay reference")
-        await self._wait()
 
     async def _rescale_shard(self, k: int, sh: dict, co: bool) -> None:
         """Move shard ``k``'s popularity (or co-click) reference up to the batch's latest time."""
