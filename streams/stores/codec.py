@@ -57,11 +57,9 @@ class _W:
         if v is None:
             self.pack("H", 0)
             return
-        v = np.asarray(v, dtype=np.float32)
-        top = float(np.max(np.abs(v))) if v.size else 0.0
-        scale = np.float32(top / 127.0 if top > 0 else 1.0)
-        self.pack("Hf", v.size, scale)
-        self.parts.append(np.round(v / scale).astype(np.int8).tobytes())
+        scale, q = quantize(v)
+        self.pack("Hf", q.size, scale)
+        self.parts.append(q.tobytes())
 
 
 class _R:
@@ -99,13 +97,19 @@ class _R:
         return np.frombuffer(self.take(dim), dtype=np.int8).astype(np.float32) * np.float32(scale)
 
 
-def _round(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    if v is None:
-        return None
+def quantize(v: np.ndarray) -> tuple[np.float32, np.ndarray]:
+    """(scale, int8 components) of ``v``: its largest component maps to +-127."""
     v = np.asarray(v, dtype=np.float32)
     top = float(np.max(np.abs(v))) if v.size else 0.0
     scale = np.float32(top / 127.0 if top > 0 else 1.0)
-    return np.round(v / scale).astype(np.int8).astype(np.float32) * scale
+    return scale, np.round(v / scale).astype(np.int8)
+
+
+def _round(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    if v is None:
+        return None
+    scale, q = quantize(v)
+    return q.astype(np.float32) * scale
 
 
 def canonical(p: Profile) -> None:
