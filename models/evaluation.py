@@ -1,5 +1,5 @@
-"""Test-then-train scoring of ranked lists: HR@K, NDCG@K, MRR and catalog coverage, overall and
-by the user's history length when the list was made."""
+"""Test-then-train scoring of ranked lists: HR@K, NDCG@K, MRR and catalog coverage, overall, by the
+user's history length when the list was made, and for clicks on cold items."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import time
 from typing import Callable, Mapping, Sequence
 
 SEGMENTS = (("2-5", 2, 5), ("6+", 6, None))  # earlier events of the user, inclusive bounds
+COLD_ITEMS = "cold_items"  # the clicked item had fewer than COLD_CLICKS earlier clicks (by any user)
+COLD_CLICKS = 5
+SEGMENT_NAMES = tuple(name for name, _, _ in SEGMENTS) + (COLD_ITEMS,)  # the keys of ``segments``
 
 
 def segment_of(history: int) -> str | None:
@@ -54,20 +57,24 @@ class Scorer:
     k: int
     catalog_size: int
     _all: _Sums = field(default_factory=_Sums)
-    _segments: dict = field(default_factory=lambda: {name: _Sums() for name, _, _ in SEGMENTS})
+    _segments: dict = field(default_factory=lambda: {name: _Sums() for name in SEGMENT_NAMES})
     _recommended: set = field(default_factory=set)
-    _seg_recommended: dict = field(default_factory=lambda: {name: set() for name, _, _ in SEGMENTS})
+    _seg_recommended: dict = field(default_factory=lambda: {name: set() for name in SEGMENT_NAMES})
     hits: bytearray = field(default_factory=bytearray)  # 1 per scored click that hit, in stream order
 
-    def score(self, items: Sequence[str], target: str, history: int) -> int | None:
+    def score(self, items: Sequence[str], target: str, history: int, item_clicks: int | None = None) -> int | None:
         """Score one list against the item the user clicked next; returns its rank or None.
-        MRR counts the target's rank within the first K."""
+        MRR counts the target's rank within the first K. ``item_clicks``: the target's earlier
+        clicks in the stream (by any user), for the cold-items segment (None: not counted there)."""
         rank = rank_of(items, target, self.k)
         self._all.add(rank)
-        seg = segment_of(history)
-        if seg is not None:
-            self._segments[seg].add(rank)
-            self._seg_recommended[seg].update(items[: self.k])
+        segments = [segment_of(history)]
+        if item_clicks is not None and item_clicks < COLD_CLICKS:
+            segments.append(COLD_ITEMS)
+        for seg in segments:
+            if seg is not None:
+                self._segments[seg].add(rank)
+                self._seg_recommended[seg].update(items[: self.k])
         self._recommended.update(items[: self.k])
         self.hits.append(rank is not None)
         return rank
@@ -108,7 +115,9 @@ def evaluate_stream(events: Sequence[dict], systems: Sequence, k: int, catalog: 
     """Run ``systems`` (objects with ``name``, ``add_items(catalog)``, ``recommend(user, k, exclude)``
     and ``update(user, item, t)``) over ``events`` in order, test-then-train: after every event of
     a user each system makes that user's list (seen items excluded); the user's next click is
-    scored against it. Queries make lists but teach the systems nothing.
+    scored against it. Queries make lists but teach the systems nothing. Besides the history
+    segments, a click counts in ``cold_items`` when its item had fewer than ``COLD_CLICKS`` earlier
+    clicks in ``events`` (by any user, scored or not).
 
     ``recorded`` adds systems whose lists were made elsewhere: ``{name: {event_id: items}}``, the
     list made after each event (a missing list scores as empty). ``progress(n)`` is called every
@@ -124,12 +133,15 @@ def evaluate_stream(events: Sequence[dict], systems: Sequence, k: int, catalog: 
     last: dict[str, dict[str, Sequence[str]]] = {}
     seen: dict[str, set[str]] = {}
     history: dict[str, int] = {}
+    item_clicks: dict[str, int] = {}  # clicks on each item so far
     for n, e in enumerate(events):
         user = e["user_id"]
         if e["type"] == "click":
+            earlier = item_clicks.get(e["item_id"], 0)
+            item_clicks[e["item_id"]] = earlier + 1
             if user in last:
                 for name in names:
-                    scorers[name].score(last[user][name], e["item_id"], history[user])
+                    scorers[name].score(last[user][name], e["item_id"], history[user], earlier)
             for s in systems:
                 t = time.perf_counter()
                 s.update(user, e["item_id"], e["timestamp"])

@@ -30,8 +30,18 @@ class ModelParams:
     intent_decay: float = 0.5  # the intent's strength is multiplied by this at every later click
     w_interest: float = 0.1  # boost by the interest probability of the item's category
     w_scene_item: float = 0.03  # boost for items offered in the request's scene
-    w_popularity: float = 0.15  # boost by an item's decayed popularity relative to the most popular (0: off)
-    w_cooccur: float = 0.3  # boost by how often the user's recent clicks were clicked with the item (0: off)
+    # Default weights of the ranker's features (models.learning.FEATURES); the weights in use
+    # are learned from the stream, starting here.
+    w_text: float = 1.0  # cosine of the user's ranking vector and the item
+    w_popularity: float = 0.15  # decayed popularity relative to the most popular (0: off)
+    w_cooccur: float = 0.5  # co-clicks with the user's recent clicks (squashed sum; 0: off)
+    w_transitions: float = 0.5  # steps from the user's last clicks to the item (squashed sum; 0: off)
+    signals_off: str = ""  # signals switched off, comma-separated (models.learning.SIGNALS), for ablations
+    learn_rate: float = 0.05  # step of the online pairwise update of the weights (0: no learning)
+    learn_l2: float = 0.01  # pull of the learned weights back toward the defaults
+    impression_size: int = 20  # candidates remembered per list (with features) to learn from the next click
+    transition_sources: int = 3  # the user's last clicks whose next clicks become candidates
+    transition_fanout: int = 50  # next-clicked items read per source
     cooccur_window: int = 10  # a click counts as clicked-with each of the user's last this many clicks
     cooccur_sources: int = 10  # the user's last clicks whose co-clicked items become candidates
     cooccur_fanout: int = 50  # co-clicked items read per source
@@ -45,3 +55,15 @@ class ModelParams:
     explain_clicks: int = 5  # recent clicks kept (with vectors) for explanations
     explain_queries: int = 3
     reason_min_similarity: float = 0.35
+
+    def __post_init__(self) -> None:
+        from models.learning import SIGNALS
+
+        unknown = sorted(set(self.off) - set(SIGNALS))
+        if unknown:
+            raise ValueError(f"signals_off names unknown signals {unknown}: use {', '.join(SIGNALS)}")
+
+    @property
+    def off(self) -> frozenset[str]:
+        """The signals switched off."""
+        return frozenset(x.strip() for x in self.signals_off.split(",") if x.strip())

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from models.learning import Impression
 from models.params import ModelParams
 
 
@@ -50,6 +51,7 @@ class Profile:
     last_time: float = 0.0
     applied: "Applied" = field(default_factory=lambda: Applied())
     encoder: str = ""  # the encoder that made the vectors
+    shown: "Impression" = field(default_factory=lambda: Impression())  # the last list's best candidates
     reset: str = ""  # why the stored record could not be read (it is replaced by this profile)
 
     @property

@@ -1,4 +1,5 @@
-"""Ranking candidates into a list: cosine similarity, interest, scene, diversity and a reason."""
+"""Ranking candidates into a list: features of each candidate scored by the (learned) weights,
+diversity, and a reason."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from models.learning import F, Impression, default_weights, rank_feature, signal_mask, squash
 from models.params import ModelParams
 from models.profile import Profile, interest_distribution
 
@@ -34,26 +36,72 @@ class Ranked:
     category: str
 
 
-def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optional[str], categories: int,
-         params: ModelParams, exclude: frozenset[str] | set[str] = frozenset(),
-         only_categories: Sequence[str] = (), popularity: Mapping[str, float] | None = None,
-         cooccur: Mapping[str, float] | None = None, cooccur_with: Mapping[str, str] | None = None) -> list[Ranked]:
-    """Order ``candidates`` for ``profile`` and keep ``k``.
+@dataclass
+class Signals:
+    """Behaviour signals of one list's candidates, by item id (absent: 0): ``cooccur`` and
+    ``transitions`` are raw sums over the user's recent clicks (``*_from``: the title of the click
+    that gives the most), ``popularity`` is relative to the most popular item (0 to 1),
+    ``item_clicks`` the item's clicks decayed in event time."""
 
-    score = cosine(user, item) + w_interest * (P(category) - uniform) + w_popularity * popularity
-    + w_cooccur * co-clicks + w_scene_item * [offered in scene], then a greedy diversity step
-    subtracts ``diversity`` per item of the same category already chosen. ``popularity``: item id
-    -> decayed popularity relative to the most popular item; ``cooccur``: item id -> how often it
-    was clicked with the user's recent clicks, relative to the best (both 0 to 1; absent: 0);
-    ``cooccur_with``: item id -> the title of the click it goes with, for the reason. Seen and
-    excluded items never come back.
-    """
-    popularity = popularity or {}
-    cooccur = cooccur or {}
-    cooccur_with = cooccur_with or {}
+    cooccur: Mapping[str, float] = field(default_factory=dict)
+    cooccur_from: Mapping[str, str] = field(default_factory=dict)
+    transitions: Mapping[str, float] = field(default_factory=dict)
+    transitions_from: Mapping[str, str] = field(default_factory=dict)
+    popularity: Mapping[str, float] = field(default_factory=dict)
+    item_clicks: Mapping[str, float] = field(default_factory=dict)  # decayed clicks on each item
+
+
+class RankedList(list):
+    """The ranked items, and the impression to learn from: the best candidates with features."""
+
+    impression: Impression = Impression()
+
+
+def features(profile: Profile, pool: Sequence[Candidate], scene: Optional[str], categories: int,
+             params: ModelParams, signals: Signals) -> np.ndarray:
+    """The feature matrix (len(pool), F) of ``models.learning.FEATURES``, each in [-1, 1]."""
     dist = interest_distribution(profile, max(categories, 1), params)
     uniform = 1.0 / max(categories, 1)
-    pool: list[tuple[float, Candidate]] = []
+    n = len(pool)
+    X = np.zeros((n, F))
+    if not n:
+        return X
+    ids = [c.item_id for c in pool]
+    text = np.array([c.similarity for c in pool])
+    co = np.array([signals.cooccur.get(i, 0.0) for i in ids])
+    tr = np.array([signals.transitions.get(i, 0.0) for i in ids])
+    pop = np.array([signals.popularity.get(i, 0.0) for i in ids])
+    X[:, 0] = np.clip(text, -1.0, 1.0)
+    X[:, 1] = squash(co)
+    X[:, 2] = squash(tr)
+    X[:, 3] = np.clip(pop, 0.0, 1.0)
+    X[:, 4] = [(dist.get(c.category, dist["*"]) if c.category else uniform) - uniform for c in pool]
+    X[:, 5] = [1.0 if scene and c.scenes and scene in c.scenes else 0.0 for c in pool]
+    X[:, 6] = rank_feature(text + 2.0)  # every candidate has a text rank
+    X[:, 7] = rank_feature(co)
+    X[:, 8] = rank_feature(tr)
+    X[:, 9] = rank_feature(pop)
+    X[:, 10] = X[:, 0] / (1.0 + np.array([signals.item_clicks.get(i, 0.0) for i in ids]))
+    return X
+
+
+def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optional[str], categories: int,
+         params: ModelParams, exclude: frozenset[str] | set[str] = frozenset(),
+         only_categories: Sequence[str] = (), signals: Optional[Signals] = None,
+         weights: Optional[np.ndarray] = None) -> RankedList:
+    """Order ``candidates`` for ``profile`` and keep ``k``.
+
+    score = weights . features (``models.learning``: cosine to the user, co-clicks and steps from
+    the user's recent clicks, popularity, interest in the item's category, the scene, and each
+    signal's rank among the candidates); ``weights`` default to ``params``' defaults. A greedy
+    diversity step then subtracts ``diversity`` per item of the same category already chosen.
+    Seen and excluded items never come back. The reason of each item comes from the signal that
+    adds most to its score.
+    """
+    signals = signals or Signals()
+    w = default_weights(params) * signal_mask(params) if weights is None else weights
+    dist = interest_distribution(profile, max(categories, 1), params)
+    pool: list[Candidate] = []
     seen_ids: set[str] = set()
     for c in candidates:
         if c.no in profile.seen or c.item_id in exclude or c.item_id in seen_ids:
@@ -61,50 +109,62 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
         if only_categories and c.category not in only_categories:
             continue
         seen_ids.add(c.item_id)
-        p = dist.get(c.category, dist["*"]) if c.category else uniform
-        s = (c.similarity + params.w_interest * (p - uniform) + params.w_popularity * popularity.get(c.item_id, 0.0)
-             + params.w_cooccur * cooccur.get(c.item_id, 0.0))
-        if scene and c.scenes and scene in c.scenes:
-            s += params.w_scene_item
-        pool.append((s, c))
-    chosen: list[tuple[float, Candidate]] = []
+        pool.append(c)
+    X = features(profile, pool, scene, categories, params, signals)
+    scores = X @ w if len(pool) else np.zeros(0)
+    order = sorted(range(len(pool)), key=lambda i: (-scores[i], pool[i].item_id))
+    out = RankedList()
+    top = order[: params.impression_size]
+    out.impression = Impression.of([pool[i].no for i in top], X[top]) if top else Impression()
+    remaining = [(float(scores[i]), i) for i in order]
     per_category: dict[str, int] = {}
-    pool.sort(key=lambda sc: (-sc[0], sc[1].item_id))
-    while pool and len(chosen) < k:
-        best_i, best_s = 0, -np.inf
-        for i, (s, c) in enumerate(pool):
-            adj = s - params.diversity * per_category.get(c.category, 0)
+    while remaining and len(out) < k:
+        best_j, best_s = 0, -np.inf
+        for j, (s, i) in enumerate(remaining):
+            adj = s - params.diversity * per_category.get(pool[i].category, 0)
             if adj > best_s:
-                best_i, best_s = i, adj
-            if s < best_s:  # pool is sorted by s: nothing later can win
+                best_j, best_s = j, adj
+            if s < best_s:  # sorted by s: nothing later can win
                 break
-        s, c = pool.pop(best_i)
+        _, i = remaining.pop(best_j)
+        c = pool[i]
         per_category[c.category] = per_category.get(c.category, 0) + 1
-        chosen.append((best_s, c))
-    return [Ranked(c.item_id, round(float(s), 6),
-                   explain(profile, c, dist, params, popularity.get(c.item_id, 0.0),
-                           cooccur_with.get(c.item_id) if cooccur.get(c.item_id, 0.0) >= 0.5 else None),
-                   c.title, c.category) for s, c in chosen]
+        out.append(Ranked(c.item_id, round(float(best_s), 6),
+                          explain(profile, c, dist, params, X[i] * w, signals), c.title, c.category))
+    return out
+
+
+_GROUPS = {"text": (0, 6, 10), "cooccur": (1, 7), "transitions": (2, 8), "popularity": (3, 9), "interest": (4, 5)}
 
 
 def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: ModelParams,
-            popularity: float = 0.0, clicked_with: Optional[str] = None) -> str:
-    """A short reason: the recent click it is often clicked with (``clicked_with``), else the
-    recent click or query it is closest to, else the interest it matches, else its popularity."""
-    if clicked_with:
-        return f"often clicked with {_clip(clicked_with)}"
-    if item.vector is not None and profile.explainers:
-        sims = [float(np.dot(e.vector, item.vector)) for e in profile.explainers]
-        best = int(np.argmax(sims))
-        if sims[best] >= params.reason_min_similarity:
-            e = profile.explainers[best]
-            if e.kind == "query":
-                return f"matches your search '{_clip(e.label)}'"
-            return f"similar to {_clip(e.label)} you clicked"
+            contributions: Optional[np.ndarray] = None, signals: Optional[Signals] = None) -> str:
+    """A short reason from the signal that adds most to the item's score (``contributions``: weight
+    times feature): the recent click it is often clicked with or after, the recent click or query it
+    is closest to, the interest it matches, or its popularity."""
+    signals = signals or Signals()
+    order = ["text"]
+    if contributions is not None:
+        order = sorted(_GROUPS, key=lambda g: -sum(contributions[j] for j in _GROUPS[g]))
+    for group in order:
+        if group == "transitions" and item.item_id in signals.transitions_from:
+            return f"often clicked after {_clip(signals.transitions_from[item.item_id])}"
+        if group == "cooccur" and item.item_id in signals.cooccur_from:
+            return f"often clicked with {_clip(signals.cooccur_from[item.item_id])}"
+        if group == "popularity" and signals.popularity.get(item.item_id, 0.0) > 0:
+            return "popular now, close to your taste"
+        if group == "interest" and item.category and item.category in profile.interest:
+            return f"matches your interest in {item.category} ({dist.get(item.category, 0.0):.0%})"
+        if group == "text" and item.vector is not None and profile.explainers:
+            sims = [float(np.dot(e.vector, item.vector)) for e in profile.explainers]
+            best = int(np.argmax(sims))
+            if sims[best] >= params.reason_min_similarity:
+                e = profile.explainers[best]
+                if e.kind == "query":
+                    return f"matches your search '{_clip(e.label)}'"
+                return f"similar to {_clip(e.label)} you clicked"
     if item.category and item.category in profile.interest:
         return f"matches your interest in {item.category} ({dist.get(item.category, 0.0):.0%})"
-    if popularity >= 0.5:
-        return "popular now, close to your taste"
     return "close to your recent activity"
 
 

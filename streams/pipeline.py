@@ -25,13 +25,14 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from models.params import ModelParams
 from models.profile import Applied, Explainer, Profile, apply_click, apply_query, click_strength, query_vector
-from models.ranking import Candidate, Ranked, cold_start, rank
+from models.learning import Impression, pairwise_step, weights_from
+from models.ranking import Candidate, Ranked, RankedList, Signals, cold_start, rank
 from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, ItemUpsert, Limits, Query,
                      RecommendationRequest, RecommendedItem, Recommendations, parse_catalog, parse_event,
                      parse_request)
@@ -120,16 +121,39 @@ def _attrs(c: Candidate) -> tuple:
 class _SeenView:
     """The seen set as it was right after one event of a batch."""
 
-    __slots__ = ("base", "added")
+    __slots__ = ("base", "added", "all")
 
     def __init__(self, base: set[int], added: frozenset[int]) -> None:
         self.base, self.added = base, added
+        self.all = base | added if added else base  # for tests in loops (a set's own lookup)
 
     def __contains__(self, item: object) -> bool:
-        return item in self.added or item in self.base
+        return item in self.all
 
     def __len__(self) -> int:
         return len(self.base) + len(self.added)
+
+
+class _Titles(Mapping[str, str]):
+    """Item id -> the title of the click that gives it most, looked up only when a reason asks."""
+
+    __slots__ = ("strongest", "known")
+
+    def __init__(self, strongest: dict[str, tuple[float, str]], known: dict[str, Candidate]) -> None:
+        self.strongest, self.known = strongest, known
+
+    def __getitem__(self, y: str) -> str:
+        x = self.strongest[y][1]
+        return self.known[x].title or x if x in self.known else x
+
+    def __contains__(self, y: object) -> bool:
+        return y in self.strongest
+
+    def __iter__(self):
+        return iter(self.strongest)
+
+    def __len__(self) -> int:
+        return len(self.strongest)
 
 
 @dataclass
@@ -147,6 +171,8 @@ class _Answer:
     exclude: frozenset[str] = frozenset()
     only_categories: tuple[str, ...] = ()
     vector: Optional[np.ndarray] = None
+    clicked: int = -1  # the catalog number a newly applied click picked (what the last list is judged by)
+    impression: Impression = field(default_factory=Impression)
 
 
 class Pipeline:
@@ -263,19 +289,44 @@ class Pipeline:
         # a batch whose effects were applied had its lists out: they go again marked duplicate
         published = await self.profiles.published({source_of(m) for m, _ in valid}) if valid else {}
         flat: list[tuple[RawMessage, _Answer]] = []
+        sequences: dict[str, list[tuple[RawMessage, Optional[_Answer]]]] = {}
+        shown = {u: prof.shown for u, prof in profiles.items()}
         for u, user_events in by_user.items():
             for (m, _), a in zip(user_events, self._apply_user(profiles[u], user_events, items, query_vectors, out),
                                  strict=True):
+                sequences.setdefault(u, []).append((m, a))
                 if a is not None:
                     a.duplicate = a.duplicate or m.offset <= published.get(source_of(m), -1)
                     flat.append((m, a))
-        # Lists see popularity and co-clicks as they were before this batch: never a click that
-        # comes after their event.
+        # Lists see popularity, co-clicks and the ranker's weights as they were before this batch:
+        # never a click that comes after their event.
         ids = {c.no: c.item_id for c in items.values()}
-        for (m, _), rec in zip(flat, await self.answer([a for _, a in flat], ids), strict=True):
+        weights = weights_from(await self.profiles.model(), self.params)
+        for (m, _), rec in zip(flat, await self.answer([a for _, a in flat], ids, weights), strict=True):
             out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
             out.count(m, "recommendations_out")
+        self._learn(sequences, shown, weights, out)
         return out
+
+    def _learn(self, sequences: dict[str, list[tuple[RawMessage, Optional["_Answer"]]]],
+               shown: dict[str, Impression], weights: np.ndarray, out: Output) -> None:
+        """Each newly applied click judges the list shown before it (the stored impression, or the
+        list of the user's previous event in this batch): a step for the ranker's weights, tagged
+        with the click's source and offset. The user's last list becomes the stored impression."""
+        writes = {w.profile.user_id: w for w in out.writes}
+        for u, seq in sequences.items():
+            last = shown.get(u, Impression())
+            for m, a in seq:
+                if a is None:  # forgotten: nothing shown is remembered
+                    last = Impression()
+                    continue
+                if a.clicked >= 0 and not a.duplicate:
+                    step = pairwise_step(last, a.clicked, weights, self.params)
+                    if step is not None:
+                        out.effects.learn.append((source_of(m), m.offset, step))
+                last = a.impression
+            if u in writes and not writes[u].forgotten:
+                writes[u].profile.shown = last
 
     async def load_profiles(self, user_ids: Sequence[str]) -> dict[str, Profile]:
         """Profiles ready to use: an unreadable one starts again, one whose vectors another encoder
@@ -357,7 +408,8 @@ class Pipeline:
             snap.history = list(profile.history)
             snap.seen = _SeenView(base_seen, frozenset(added))  # type: ignore[assignment]
             answers.append(_Answer(e.user_id, e.event_id, "click" if isinstance(e, Click) else "query", e.scene,
-                                   e.timestamp, self.k, snap, duplicate=duplicate))
+                                   e.timestamp, self.k, snap, duplicate=duplicate,
+                                   clicked=items[e.item_id].no if isinstance(e, Click) and not duplicate else -1))
         if changed:
             profile.encoder = self.encoder.version
             out.writes.append(Write(profile, expected, forgotten=forgotten, replace=reset))
@@ -393,7 +445,8 @@ class Pipeline:
         answers = [_Answer(r.user_id, r.request_id, "request", r.scene, r.timestamp, r.k or self.k,
                            profiles[r.user_id], exclude=frozenset(r.exclude), only_categories=tuple(r.categories))
                    for _, r in reqs]
-        for (m, _), rec in zip(reqs, await self.answer(answers), strict=True):
+        weights = weights_from(await self.profiles.model(), self.params) if answers else None
+        for (m, _), rec in zip(reqs, await self.answer(answers, weights=weights), strict=True):
             out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
             out.count(m, "requests_answered")
         return out
@@ -416,14 +469,17 @@ class Pipeline:
                 found[i] = c
         return found
 
-    async def answer(self, answers: Sequence[_Answer], ids: Optional[dict[int, str]] = None) -> list[Recommendations]:
+    async def answer(self, answers: Sequence[_Answer], ids: Optional[dict[int, str]] = None,
+                     weights: Optional[np.ndarray] = None) -> list[Recommendations]:
         """Rank a list for each answer: one batched search for all personalised ones, the
         cold-start list (popularity, then newest) for the rest and to fill short lists. ``ids``:
-        the item ids of the catalog numbers clicked in the batch."""
+        the item ids of the catalog numbers clicked in the batch; ``weights``: the ranker's (the
+        defaults when None). Each answer's ``impression`` is set to what its list remembers."""
         ids = ids or {}
         if not answers:
             return []
         p = self.params
+        off = p.off
         n_categories = await self.profiles.category_count()
         for a in answers:
             a.vector = query_vector(a.profile, a.scene, p)
@@ -460,6 +516,8 @@ class Pipeline:
             limit, idx, _ = buckets.get(key, (0, [], exclude))
             idx.append(i)
             buckets[key] = (max(limit, -(-need // 8) * 8), idx, exclude)
+        if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
+            buckets, late = {}, {}
         for (only, *_), (limit, idx, exclude) in buckets.items():
             excluded = set().union(*exclude) if exclude else ()
             hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only,
@@ -486,31 +544,39 @@ class Pipeline:
                 results[i] = [c if c.vector is not None else
                               Candidate(c.item_id, c.similarity, *_attrs(known[c.item_id]))
                               for c in hits if c.vector is not None or c.item_id in known]
-        # Items often clicked with the user's recent clicks join the candidates, with their score.
-        cooccur: dict[int, dict[str, float]] = {}
-        cooccur_with: dict[int, dict[str, str]] = {}
-        if p.w_cooccur > 0:
-            await self._cooccur_candidates(answers, results, cooccur, cooccur_with)
-        # Popular items join every personalised list's candidates (scored by cosine like the rest,
-        # plus the popularity boost) and fill the cold-start lists.
+        # Items clicked with, and right after, the user's recent clicks join the candidates.
+        signals: dict[int, Signals] = {i: Signals() for i, a in enumerate(answers) if a.vector is not None}
+        if "cooccur" not in off:
+            await self._behaviour_candidates(answers, results, signals, "cooccur")
+        if "transitions" not in off:
+            await self._behaviour_candidates(answers, results, signals, "transitions")
+        # Popular items join every personalised list's candidates (and fill the cold-start lists).
         pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
         pools: dict[Optional[str], tuple[list[Candidate], dict[str, float]]] = {}
         newest: Optional[list[Candidate]] = None  # read only when a list needs filling
         produced: list[Recommendations] = []
-        for i, a in enumerate(answers):
+        for a in answers:
             if a.scene not in pools:
                 pools[a.scene] = await self._popular_pool(a.scene, pool_size)
+        if "text" not in off and signals:  # how thin each candidate's behaviour is
+            ids_ = {c.item_id for i in signals for c in results.get(i, ())}
+            ids_.update(c.item_id for pool, _ in pools.values() for c in pool)
+            clicks = await self.profiles.item_clicks(sorted(ids_), max(a.event_time for a in answers))
+            for sig in signals.values():
+                sig.item_clicks = clicks
+        for i, a in enumerate(answers):
             popular, popularity = pools[a.scene]
             ranked: list[Ranked] = []
             if a.vector is not None:
                 candidates = results.get(i, [])
-                if p.w_popularity > 0:
+                if "popularity" not in off:
+                    signals[i].popularity = popularity
                     extra = [c for c in popular if c.no not in a.profile.seen and c.item_id not in a.exclude]
                     candidates = candidates + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
                                                for c in extra[: a.k * p.oversample]]
                 ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
-                              only_categories=a.only_categories, popularity=popularity,
-                              cooccur=cooccur.get(i), cooccur_with=cooccur_with.get(i))
+                              only_categories=a.only_categories, signals=signals[i], weights=weights)
+                a.impression = ranked.impression if isinstance(ranked, RankedList) else Impression()
             if len(ranked) < a.k:
                 if newest is None:
                     newest = await self._pool(await self.profiles.newest(pool_size))
@@ -518,7 +584,7 @@ class Pipeline:
                 unseen = [[c for c in pool if c.no not in a.profile.seen] for pool in (popular, newest)]
                 fill = cold_start(unseen[0], unseen[1], a.k - len(ranked), exclude=a.exclude | taken,
                                   only_categories=a.only_categories)
-                ranked += fill[: a.k - len(ranked)]
+                ranked = list(ranked) + fill[: a.k - len(ranked)]
             produced.append(Recommendations(
                 user_id=a.user_id, trigger_event_id=a.trigger_id, trigger_type=a.trigger_type,
                 items=[RecommendedItem(item_id=r.item_id, score=r.score, reason=r.reason, title=r.title,
@@ -527,39 +593,53 @@ class Pipeline:
                 produced_time=self.clock(), scene=a.scene, cold_start=a.vector is None, duplicate=a.duplicate))
         return produced
 
-    async def _cooccur_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
-                                  cooccur: dict[int, dict[str, float]], cooccur_with: dict[int, dict[str, str]]) -> None:
-        """For each personalised list: the items clicked by the same users as the user's last
-        clicks, scored by summed normalised co-clicks relative to the best (into ``cooccur``), the
-        title of the click each is most often clicked with (``cooccur_with``), and the best of
-        them added to its candidates (``results``) with their cosine similarity."""
+    async def _behaviour_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
+                                    signals: dict[int, Signals], kind: str) -> None:
+        """For each personalised list: items co-clicked with the user's last ``cooccur_sources``
+        clicks (``kind`` "cooccur"), or clicked right after the last ``transition_sources`` ones,
+        the nearest weighing most ("transitions"). Each item's summed score and the title of the
+        click that gives it most go into ``signals``; the best ``k * oversample`` join the
+        candidates (``results``) with their cosine similarity."""
         p = self.params
-        sources = {i: list(dict.fromkeys(h["item_id"] for h in a.profile.history if h["type"] == "click"))[-p.cooccur_sources:]
+        co = kind == "cooccur"
+        n_sources = p.cooccur_sources if co else p.transition_sources
+        sources = {i: list(dict.fromkeys(h["item_id"] for h in reversed(a.profile.history)
+                                         if h["type"] == "click"))[:n_sources]  # newest first
                    for i, a in enumerate(answers) if a.vector is not None}
         all_sources = list(dict.fromkeys(x for xs in sources.values() for x in xs))
         if not all_sources:
             return
-        partners = await self.profiles.cooccurring(all_sources, p.cooccur_fanout)
+        read = self.profiles.cooccurring if co else self.profiles.transitions
+        partners = await read(all_sources, p.cooccur_fanout if co else p.transition_fanout)
         known = await self.fetch_items([*all_sources, *(y for ys in partners.values() for y, _ in ys)])
+        usable = {x: [(y, score, known[y].no) for y, score in ys if y in known] for x, ys in partners.items()}
         for i, xs in sources.items():
             a = answers[i]
+            seen = a.profile.seen.all if isinstance(a.profile.seen, _SeenView) else a.profile.seen
+            exclude = a.exclude
             total: dict[str, float] = {}
             strongest: dict[str, tuple[float, str]] = {}
-            for x in xs:
-                for y, score in partners.get(x, ()):
-                    if y not in known or known[y].no in a.profile.seen or y in a.exclude:
+            for pos, x in enumerate(xs, 1):
+                scale = 1.0 if co else 1.0 / pos
+                for y, score, no in usable.get(x, ()):
+                    if no in seen or y in exclude:
                         continue
-                    total[y] = total.get(y, 0.0) + score
-                    if score > strongest.get(y, (0.0, ""))[0]:
-                        strongest[y] = (score, x)
-            if total:
-                top = max(total.values())
-                cooccur[i] = {y: v / top for y, v in total.items()}
-                cooccur_with[i] = {y: known[x].title or x for y, (_, x) in strongest.items() if x in known}
-                best = sorted(total, key=lambda y: (-total[y], y))[: a.k * p.oversample]
-                results[i] = results.get(i, []) + [
-                    Candidate(y, float(np.dot(a.vector, known[y].vector)), *_attrs(known[y]))
-                    for y in best if known[y].vector is not None and known[y].available]
+                    v = scale * score
+                    total[y] = total.get(y, 0.0) + v
+                    if v > strongest.get(y, (0.0, ""))[0]:
+                        strongest[y] = (v, x)
+            if not total:
+                continue
+            titles = _Titles(strongest, known)
+            if co:
+                signals[i].cooccur, signals[i].cooccur_from = total, titles
+            else:
+                signals[i].transitions, signals[i].transitions_from = total, titles
+            best = sorted(total, key=lambda y: (-total[y], y))[: a.k * p.oversample]
+            vector = a.vector
+            results[i] = results.get(i, []) + [
+                Candidate(y, float(np.dot(vector, known[y].vector)), *_attrs(known[y]))
+                for y in best if known[y].vector is not None and known[y].available]
 
     async def _popular_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], dict[str, float]]:
         """The ``n`` most popular items (with vectors, similarity = popularity) and each one's

@@ -197,8 +197,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.k > settings.max_k:
         print(f"streamrec eval: --k {args.k} is over max_k {settings.max_k} (STREAMREC_MAX_K)", file=sys.stderr)
         return 2
+    from models.learning import SIGNALS
+
+    ablate = tuple(x.strip() for x in (args.ablate or "").split(",") if x.strip())
+    if set(ablate) - set(SIGNALS):
+        print(f"streamrec eval: unknown signal(s) in --ablate: {', '.join(sorted(set(ablate) - set(SIGNALS)))}; "
+              f"known: {', '.join(SIGNALS)}", file=sys.stderr)
+        return 2
     opts = EvalOptions(k=args.k, in_flight=args.in_flight, halflife_s=args.halflife_days * 86_400.0,
-                       als_every=args.als_every, seed=args.seed, peers=peers)
+                       als_every=args.als_every, seed=args.seed, peers=peers, ablate=ablate)
     out = Path(args.out)
     result = run_eval(settings, dataset, out, opts, data_dir=args.data_dir)
     table = {name: {m: v for m, v in r.items() if m != "segments"} for name, r in result["systems"].items()}
@@ -281,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--halflife-days", type=float, default=7.0, help="half-life of popularity in event time, for streamrec and recent_popularity")
     ev.add_argument("--als-every", type=int, default=5000, help="implicit_als retrains every N clicks")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--ablate", default=None,
+                    help="comma-separated signals to switch off one at a time (text, cooccur, transitions, "
+                         "popularity, interest, learning); each run is the worker's pipeline in one process")
     ev.add_argument("--data-dir", default=None, help="where the embedded stack keeps its files (default: a temp dir)")
     ev.set_defaults(func=cmd_eval)
     return p

@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from models.evaluation import SEGMENTS, StreamResult, evaluate_stream, windowed_hit_rate
+from models.evaluation import COLD_CLICKS, COLD_ITEMS, SEGMENT_NAMES, StreamResult, evaluate_stream, windowed_hit_rate
 from streams.stores.redis_profiles import read_stats
 from workers.datasets import Dataset
 from workers.demo import percentiles
@@ -33,7 +33,8 @@ from workers.runner import WorkerProcess, encode_line, worker_on_stack
 from workers.settings import Settings
 from workers.stack import Stack
 
-SYSTEMS = ("streamrec", "random", "popularity", "recent_popularity", "item_knn", "river_mf", "implicit_als")
+SYSTEMS = ("streamrec", "random", "popularity", "recent_popularity", "item_knn", "sequential_rules", "session_knn",
+           "river_mf", "implicit_als", "ease")
 METRICS = ("hr", "ndcg", "mrr", "coverage", "events_scored")
 
 
@@ -50,6 +51,7 @@ class EvalOptions:
     seed: int = 0
     peers: tuple[str, ...] = SYSTEMS[1:]
     timeout_s: float = 3_600.0  # longest wait for the worker to answer everything
+    ablate: tuple[str, ...] = ()  # signals to switch off one at a time (models.learning.SIGNALS)
 
 
 @dataclass
@@ -157,15 +159,19 @@ def make_peers(opts: EvalOptions, n_items: int) -> tuple[list, dict[str, str]]:
         "popularity": lambda: b.PopularityBaseline(),
         "recent_popularity": lambda: b.PopularityBaseline(halflife_s=opts.halflife_s),
         "item_knn": lambda: b.ItemKnnBaseline(),
+        "sequential_rules": lambda: b.SequentialRulesBaseline(),
+        "session_knn": lambda: b.SessionKnnBaseline(),
         "river_mf": lambda: b.RiverMFBaseline(seed=opts.seed),
         "implicit_als": lambda: b.ImplicitALSBaseline(retrain_every=opts.als_every, seed=opts.seed),
+        "ease": lambda: b.EaseBaseline(),
     }
+    dense = ("item_knn", "sequential_rules")  # a dense item x item matrix: refused above max_items
     peers, skipped = [], {}
     for name in opts.peers:
         if name not in makers:
             raise ValueError(f"unknown peer {name!r}; known: {', '.join(makers)}")
         peer = makers[name]()
-        if name == "item_knn" and n_items > peer.max_items:
+        if name in dense and n_items > peer.max_items:
             skipped[name] = (f"its dense item-item matrix would need {n_items ** 2 * 4 / 2 ** 30:.1f} GiB for "
                              f"{n_items} items (limit {peer.max_items} items)")
             continue
@@ -232,9 +238,12 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
     peers, skipped = make_peers(opts, len(catalog_ids))
     from tqdm import tqdm
 
+    recorded = {"streamrec": answers.lists}
+    ablation_s: dict[str, float] = {}
+    if opts.ablate:
+        recorded.update(run_ablations(s, dataset, valid, opts, ablation_s))
     with tqdm(total=len(valid), unit="ev", desc="scoring", file=sys.stderr, mininterval=2.0) as bar:
-        res = evaluate_stream(valid, peers, opts.k, catalog_ids, recorded={"streamrec": answers.lists},
-                              progress=bar.update)
+        res = evaluate_stream(valid, peers, opts.k, catalog_ids, recorded=recorded, progress=bar.update)
     result = {
         "dataset": dataset.name,
         "k": opts.k,
@@ -253,6 +262,8 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         "systems": {name: _rounded(res[name]) for name in ("streamrec", *[p.name for p in peers])},
         "system_seconds": {name: round(v, 1) for name, v in res.seconds.items()},
         "skipped": skipped,
+        "ablations": {name[len(ABLATION):]: {**_rounded(res[name]), "seconds": round(ablation_s[name], 1)}
+                      for name in recorded if name.startswith(ABLATION)},
         "worker_stats": stats,
         "stack": versions,
         "machine": {"cpus": _cpus(), "python": platform.python_version()},
@@ -269,6 +280,34 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "report.md").write_text(render_report(result, plots))
     return result
+
+
+ABLATION = "ablation:"
+
+
+def run_ablations(s: Settings, dataset: Dataset, events: list[dict], opts: EvalOptions,
+                  seconds: dict[str, float], encoder=None) -> dict[str, dict[str, list[str]]]:
+    """streamrec in one process (``workers.simulate``: the worker's pipeline over in-memory
+    stores, the same encoder), once with every signal and once with each of ``opts.ablate`` off;
+    the lists by event id of each run, named ``ablation:all`` and ``ablation:-<signal>``."""
+    from dataclasses import replace
+
+    from models.encoder import TextEncoder
+    from workers.simulate import CachedEncoder, simulate
+
+    encoder = CachedEncoder(encoder or TextEncoder(s.encoder_model, s.encoder_device, s.encoder_max_length,
+                                                   s.encoder_batch_size, s.encoder_threads))
+    out = {}
+    for name in ("all", *opts.ablate):
+        off = ",".join(x for x in (s.model.signals_off, "" if name == "all" else name) if x)
+        params = replace(s.model, signals_off=off)
+        label = ABLATION + ("all" if name == "all" else "-" + name)
+        _say(f"ablation {label}: streamrec in one process, signals off: {off or 'none'}")
+        t = time.perf_counter()
+        out[label] = simulate(dataset.catalog, events, encoder, params, k=opts.k, batch=64,
+                              options=s.store_options()).lists
+        seconds[label] = time.perf_counter() - t
+    return out
 
 
 def _wait_catalog(r, s: Settings, n: int, worker: WorkerProcess, timeout_s: float = 1800.0) -> None:
@@ -321,7 +360,7 @@ def write_plots(out: Path, res: StreamResult, latencies_ms: list[float], k: int)
     window = max(1, min(max(50, min(2000, n_scored // 20)), n_scored))
     fig, ax = plt.subplots(figsize=(9, 5))
     plotted = 0
-    for name, hits in res.hits.items():
+    for name, hits in ((n, h) for n, h in res.hits.items() if not n.startswith(ABLATION)):
         pts = windowed_hit_rate(hits, window)
         if pts:
             plotted += 1
@@ -370,14 +409,17 @@ def render_report(r: dict, plots: dict[str, str]) -> str:
         secs = r["system_seconds"].get(name)
         lines.append(f"| {name} | {hr} | {m['ndcg']:.4f} | {m['mrr']:.4f} | {m['coverage']:.4f} | "
                      f"{m['events_scored']} | {'pipeline' if secs is None else f'{secs:.1f}'} |")
+    label = {COLD_ITEMS: "cold items"}
     lines += ["", "By the user's history length when the list was made (earlier events of the user; a click "
-              "after exactly one earlier event counts in the totals only):", "",
+              "after exactly one earlier event counts in the totals only), and for clicks on cold items (the "
+              f"item had fewer than {COLD_CLICKS} earlier clicks in the stream, by any user; any history length):",
+              "",
               "| system | " + " | ".join(f"HR@K {n} | NDCG@K {n} | MRR {n} | coverage {n} | scored {n}"
-                                       for n, _, _ in SEGMENTS) + " |",
-              "|---|" + "---:|" * (5 * len(SEGMENTS))]
+                                       for n in (label.get(seg, seg) for seg in SEGMENT_NAMES)) + " |",
+              "|---|" + "---:|" * (5 * len(SEGMENT_NAMES))]
     for name, m in r["systems"].items():
         cells = []
-        for seg, _, _ in SEGMENTS:
+        for seg in SEGMENT_NAMES:
             v = m["segments"][seg]
             cells += [f"{v['hr']:.4f}", f"{v['ndcg']:.4f}", f"{v['mrr']:.4f}", f"{v['coverage']:.4f}",
                       str(v["events_scored"])]
@@ -390,6 +432,20 @@ def render_report(r: dict, plots: dict[str, str]) -> str:
               f"{r['dead_letter_reasons'] or ''}; duplicates {r['duplicates']}",
               f"- catalog indexed in {r['catalog_index_s']} s; stack {r['stack']}",
               f"- whole run: {r['wall_s']} s on {r['machine']['cpus']} CPUs", ""]
+    if r.get("ablations"):
+        base = r["ablations"].get("all")
+        lines += ["## Ablations", "",
+                  "streamrec in one process (the worker's pipeline over in-memory stores, the same encoder and "
+                  "events), with every signal (`all`) and with one signal off at a time; Δ is the change of "
+                  "HR@K from `all`.", "",
+                  "| run | HR@K | Δ HR@K | NDCG@K | HR@K 2-5 | HR@K 6+ | HR@K cold items | seconds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, m in r["ablations"].items():
+            delta = "" if base is None or name == "all" else f"{m['hr'] - base['hr']:+.4f}"
+            seg = m["segments"]
+            lines.append(f"| {name} | {m['hr']:.4f} | {delta} | {m['ndcg']:.4f} | {seg['2-5']['hr']:.4f} | "
+                         f"{seg['6+']['hr']:.4f} | {seg[COLD_ITEMS]['hr']:.4f} | {m['seconds']:.1f} |")
+        lines.append("")
     if r["skipped"]:
         lines += ["Peers left out: " + "; ".join(f"{n}: {why}" for n, why in r["skipped"].items()), ""]
     for title, name in (("HR@K over the stream", "hr_over_stream"), ("Latency", "latency_histogram")):

@@ -1,6 +1,6 @@
 """A user's whole state as one small, versioned binary record.
 
-Layout (little-endian), schema 2::
+Layout (little-endian), schema 3::
 
     b"SR" u8 schema | u32 version | u8 flags | str encoder
     u32 clicks | u32 queries | f64 last_time | f32 intent_strength
@@ -9,12 +9,14 @@ Layout (little-endian), schema 2::
     u8 n history (u8 kind, f64 t, str scene, str item id or text)*
     u8 n explainers (u8 kind, str label, str ref, [vec for a query])*
     seen
+    u8 n | u8 F | u32 number * n | int8 features * (n * F)      (the last list's impression)
 
 ``str`` is UTF-8 bytes after their length: a u8, or 255 and a u16. ``vec`` is a u16 dimension (0: none), an
 f32 scale and int8 components: cosine to the float32 vector stays above 0.9999. ``seen`` is the
 sorted catalog numbers of the clicked items, as LEB128 gaps or, when smaller, a bitmap over the
 catalog (so it never exceeds catalog size / 8 bytes). Click explainers keep no vector: the item
-index has it. Flag 1 marks a forgotten user: only ``applied`` is kept.
+index has it. Flag 1 marks a forgotten user: only ``applied`` is kept. A schema 2 record (the
+same without the impression) is read as having none.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Optional
 
 import numpy as np
 
+from models.learning import F, Impression
 from models.profile import Applied, Explainer, Profile
 
 MAGIC = b"SR"
-SCHEMA = 2
+SCHEMA = 3
+READABLE = (2, 3)
 FORGOTTEN = 1
 _HEAD = struct.Struct("<2sBIB")
 
@@ -206,6 +210,12 @@ def encode(p: Profile, version: int, forgotten: bool = False) -> bytes:
         if e.kind != "click":
             w.vec(e.vector)
     w.parts.append(encode_seen(p.seen))
+    imp = p.shown
+    n = min(len(imp.numbers), 255)
+    w.pack("BB", n, imp.features.shape[1] if n else 0)
+    if n:
+        w.pack(f"{n}I", *imp.numbers[:n])
+        w.parts.append(np.ascontiguousarray(imp.features[:n], dtype=np.int8).tobytes())
     return b"".join(w.parts)
 
 
@@ -215,8 +225,8 @@ def decode(user_id: str, b: bytes) -> tuple[Profile, bool]:
         raise CorruptProfile("not a streamrec profile record")
     try:
         _, schema, version, flags = _HEAD.unpack_from(b)
-        if schema != SCHEMA:
-            raise CorruptProfile(f"profile schema {schema}, this code reads {SCHEMA}")
+        if schema not in READABLE:
+            raise CorruptProfile(f"profile schema {schema}, this code reads {', '.join(map(str, READABLE))}")
         r = _R(b)
         r.i = _HEAD.size
         p = Profile(user_id=user_id, version=version)
@@ -251,6 +261,12 @@ def decode(user_id: str, b: bytes) -> tuple[Profile, bool]:
             p.explainers.append(Explainer("click" if kind == 0 else "query", label, ref,
                                           None if kind == 0 else r.vec()))  # type: ignore[arg-type]
         p.seen = decode_seen(r)
+        if schema >= 3:
+            n, f = r.unpack("BB")
+            if n:
+                numbers = list(r.unpack(f"{n}I"))
+                feats = np.frombuffer(r.take(n * f), dtype=np.int8).reshape(n, f).copy()
+                p.shown = Impression(numbers, feats) if f == F else Impression()  # other features: unusable
         if r.i != len(b):
             raise CorruptProfile(f"{len(b) - r.i} bytes left over")
         return p, False

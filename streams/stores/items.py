@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Collection, Sequence
+from typing import Collection, Optional, Sequence
 
 import numpy as np
 
@@ -62,34 +62,61 @@ class ItemIndex(abc.ABC):
 
 
 class MemoryItemIndex(ItemIndex):
-    """Exact search over a numpy matrix."""
+    """Exact search over a numpy matrix (rebuilt after a change), ties broken by item id."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._rows: dict[str, ItemRow] = {}
+        self._built: Optional[tuple[list[ItemRow], np.ndarray, np.ndarray, np.ndarray]] = None
 
     def upsert(self, rows: Sequence[ItemRow]) -> None:
         for r in rows:
             self._rows[r.item_id] = r
+        self._built = None
 
     def delete(self, item_ids: Sequence[str]) -> None:
         for i in item_ids:
             self._rows.pop(i, None)
+        self._built = None
 
     def get(self, item_ids: Sequence[str]) -> dict[str, Candidate]:
         return {i: _candidate(self._rows[i], 0.0) for i in item_ids if i in self._rows}
 
+    def _matrix(self) -> tuple[list[ItemRow], np.ndarray, np.ndarray, np.ndarray]:
+        """Available rows, their vectors, catalog numbers and rank by item id."""
+        if self._built is None:
+            rows = [r for r in self._rows.values() if r.available]
+            matrix = np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
+            by_id = np.empty(len(rows), dtype=np.int64)
+            by_id[np.argsort(np.array([r.item_id for r in rows], dtype=object), kind="stable")] = np.arange(len(rows))
+            self._built = (rows, matrix, np.array([r.no for r in rows], dtype=np.int64), by_id)
+        return self._built
+
     def search(self, vectors: np.ndarray, limit: int, categories: Sequence[str] = (),
                exclude: Collection[int] = ()) -> list[list[Candidate]]:
-        rows = [r for r in self._rows.values() if r.available and (not categories or r.category in categories)
-                and r.no not in exclude]
-        if not rows or len(vectors) == 0:
+        rows, matrix, nos, by_id = self._matrix()
+        allowed = np.ones(len(rows), dtype=bool)
+        if categories:
+            allowed &= np.array([r.category in categories for r in rows], dtype=bool)
+        if exclude:
+            allowed &= ~np.isin(nos, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
+        if not allowed.any() or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
-        matrix = np.stack([r.vector for r in rows])  # (items, dim)
         sims = np.asarray(vectors, dtype=np.float32) @ matrix.T  # (n, items)
+        sims[:, ~allowed] = -np.inf
+        n_allowed = int(allowed.sum())
         out = []
         for row in sims:
-            order = np.lexsort((np.array([r.item_id for r in rows]), -row))[:limit]
+            take = min(limit, n_allowed)
+            if take <= 0:
+                out.append([])
+                continue
+            if take < len(row):
+                threshold = row[np.argpartition(-row, take - 1)[take - 1]]
+                cand = np.flatnonzero(row >= threshold)  # every tie at the boundary
+            else:
+                cand = np.flatnonzero(row > -np.inf)
+            order = cand[np.lexsort((by_id[cand], -row[cand]))][:take]
             out.append([_candidate(rows[j], float(row[j])) for j in order])
         return out
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
+from models.learning import FEATURES, MODEL_ID
 from models.profile import Profile
 from streams.stores import codec
 from streams.stores.profiles import (STAT_FIELDS, DELIVERY_STATS, Effects, ProfileStore, StoreOptions, Write,
-                                     decayed_weight, normalised_cooccurrence, shard_of)
+                                     decayed_weight, normalised_cooccurrence, normalised_transitions, shard_of,
+                                     transition_weights)
 
 
 class MemoryProfileStore(ProfileStore):
@@ -17,16 +20,19 @@ class MemoryProfileStore(ProfileStore):
         self.o = options
         self._records: dict[str, bytes] = {}
         self._wm: dict[tuple[int, str], int] = {}  # (shard, source) -> last applied offset
-        self._ref: Optional[float] = None
+        self._ref: Optional[float] = None  # decay references: popularity, co-clicks
+        self._cref: Optional[float] = None
         self._pop: dict[Optional[str], dict[str, float]] = {None: {}}
         self._n: dict[str, float] = {}
         self._co: dict[str, dict[str, float]] = {}
+        self._tr: dict[str, dict[str, float]] = {}
         self._numbers: dict[str, int] = {}
         self._new: dict[str, float] = {}
         self._cats: set[str] = set()
         self._progress: dict[int, int] = {}
         self._stats: dict[str, int] = {k: 0 for k in STAT_FIELDS}
-        self.totals = {"clicks": 0, "pairs": 0}  # raw counts of applied effects, for audits
+        self._model: dict[str, float | str] = {}
+        self.totals = {"clicks": 0, "pairs": 0, "steps": 0}  # raw counts of applied effects, for audits
 
     async def load(self, user_ids: Sequence[str]) -> dict[str, Profile]:
         out = {}
@@ -71,8 +77,7 @@ class MemoryProfileStore(ProfileStore):
         S = self.o.shards
         for source, offset, c in effects.clicks:
             if self._fresh(shard_of(c.item_id, S), source, offset, pending):
-                if self._ref is None:
-                    self._ref = c.timestamp
+                self._move_references(c.timestamp)
                 w = decayed_weight(c.timestamp, self._ref, self.o.popularity_halflife_s, c.weight)
                 for scene in {None, c.scene}:
                     table = self._pop.setdefault(scene, {})
@@ -89,14 +94,52 @@ class MemoryProfileStore(ProfileStore):
                         self.totals["pairs"] += 1
                         if len(row) > self.o.cooccur_keep:  # the weakest partner goes (of equal ones the least id)
                             del row[min(row, key=lambda k: (row[k], k))]
+            for prev, w in transition_weights(c):
+                if self._fresh(shard_of(prev, S), source, offset, pending):
+                    row = self._tr.setdefault(prev, {})
+                    row[c.item_id] = row.get(c.item_id, 0.0) + w * self._co_weight(c.timestamp)
+                    self.totals["steps"] += 1
+                    if len(row) > self.o.cooccur_keep:
+                        del row[min(row, key=lambda k: (row[k], k))]
         for source, offset, name, n in effects.stats:
             if name in DELIVERY_STATS or self._fresh(shard_of(source, S), source, offset, pending):
                 self._stats[name] = self._stats.get(name, 0) + n
+        for source, offset, step in effects.learn:
+            if self._fresh(-1, source, offset, pending):
+                if self._model.get("model") != MODEL_ID:
+                    self._model = {"model": MODEL_ID}
+                for name, v in zip(FEATURES, step, strict=True):
+                    self._model[name] = float(self._model.get(name, 0.0)) + float(v)
+                self._model["steps"] = float(self._model.get("steps", 0.0)) + 1
         for key, offset in pending.items():
             self._wm[key] = offset
 
+    async def model(self) -> dict[str, float | str]:
+        return dict(self._model)
+
+    def _move_references(self, t: float) -> None:
+        """Like the Redis store: a reference moves forward (and what is scored against it
+        rescales) before a weight would leave the float range."""
+        if self._ref is None:
+            self._ref = self._cref = t
+        shift = math.floor((t - self._ref) / self.o.popularity_halflife_s) - 1
+        if shift > 63:
+            self._ref += shift * self.o.popularity_halflife_s
+            for table in self._pop.values():
+                for i in table:
+                    table[i] *= 2.0 ** -shift
+        shift = math.floor((t - self._cref) / self.o.cooccur_halflife_s) - 1
+        if shift > 63:
+            self._cref += shift * self.o.cooccur_halflife_s
+            f = 2.0 ** -shift
+            for i in self._n:
+                self._n[i] *= f
+            for row in (*self._co.values(), *self._tr.values()):
+                for j in row:
+                    row[j] *= f
+
     def _co_weight(self, t: float) -> float:
-        return decayed_weight(t, self._ref if self._ref is not None else t, self.o.cooccur_halflife_s, 1.0)
+        return decayed_weight(t, self._cref if self._cref is not None else t, self.o.cooccur_halflife_s, 1.0)
 
     async def published(self, sources: Sequence[str]) -> dict[str, int]:
         return {src: self._wm.get((shard_of(src, self.o.shards), src), -1) for src in sources}
@@ -109,6 +152,16 @@ class MemoryProfileStore(ProfileStore):
     async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
         rows = {a: sorted(self._co.get(a, {}).items(), key=lambda kv: (-kv[1], kv[0])) for a in item_ids}
         return normalised_cooccurrence(rows, self._n, n)
+
+    async def transitions(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        rows = {a: list(self._tr.get(a, {}).items()) for a in item_ids}
+        return normalised_transitions(rows, self._n, n)
+
+    async def item_clicks(self, item_ids: Sequence[str], at: float) -> dict[str, float]:
+        if self._cref is None:
+            return {i: 0.0 for i in item_ids}
+        f = math.pow(2.0, (self._cref - at) / self.o.cooccur_halflife_s)
+        return {i: self._n.get(i, 0.0) * f for i in item_ids}
 
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
         table = self._pop.get(scene) if scene and len(self._pop.get(scene, {})) >= n else self._pop[None]
@@ -125,6 +178,7 @@ class MemoryProfileStore(ProfileStore):
             self._new.pop(i, None)
             self._n.pop(i, None)
             self._co.pop(i, None)
+            self._tr.pop(i, None)
             for table in self._pop.values():
                 table.pop(i, None)
 

@@ -15,6 +15,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
+
 from models.profile import Profile
 
 STAT_FIELDS = ("events_in", "events_applied", "duplicates", "redelivered", "recommendations_out", "dead_letters",
@@ -30,7 +32,8 @@ class ConflictError(RuntimeError):
 @dataclass
 class ClickEffect:
     """What one applied click does to per-item state: popularity (global and in ``scene``), the
-    item's click count, and a co-click with each of the user's earlier clicks ``previous``."""
+    item's click count, a co-click with each of the user's earlier clicks ``previous`` (oldest
+    first), and a step from each of them to this item (:func:`transition_weights`)."""
 
     item_id: str
     scene: Optional[str]
@@ -43,10 +46,12 @@ class ClickEffect:
 class Effects:
     """What a batch does outside the profiles, each part tagged with its event's source
     (``topic:partition``) and offset, so that a store applies it exactly once however often the
-    batch runs: ``clicks`` as (source, offset, effect), ``stats`` as (source, offset, name, n)."""
+    batch runs: ``clicks`` as (source, offset, effect), ``stats`` as (source, offset, name, n),
+    ``learn`` as (source, offset, step of the ranker's weights, ``models.learning``)."""
 
     clicks: list[tuple[str, int, ClickEffect]] = field(default_factory=list)
     stats: list[tuple[str, int, str, int]] = field(default_factory=list)
+    learn: list[tuple[str, int, np.ndarray]] = field(default_factory=list)  # steps of the ranker's weights
 
     def count(self, source: str, offset: int, name: str, n: int = 1) -> None:
         if n:
@@ -102,6 +107,11 @@ class ProfileStore(abc.ABC):
         events up to it had their lists out."""
 
     @abc.abstractmethod
+    async def model(self) -> dict[str, float | str]:
+        """The ranker's learned state: ``model`` (its id) and, per feature, the sum of the steps
+        applied (empty before the first)."""
+
+    @abc.abstractmethod
     async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
         """Catalog numbers of ``item_ids``: dense, assigned once per item, never reused."""
 
@@ -110,6 +120,17 @@ class ProfileStore(abc.ABC):
         """For each of ``item_ids``, up to ``n`` items most often clicked by the same users (decayed
         in event time), each with its co-click weight over sqrt(clicks of one * clicks of the
         other), best first."""
+
+    @abc.abstractmethod
+    async def transitions(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        """For each of ``item_ids``, up to ``n`` items most often clicked after it by the same user
+        (each step weighted 1 / its gap in the user's clicks, decayed in event time), each with
+        that weight over the item's own clicks, best first."""
+
+    @abc.abstractmethod
+    async def item_clicks(self, item_ids: Sequence[str], at: float) -> dict[str, float]:
+        """Clicks on each of ``item_ids`` (each weighing 1 at its own time), decayed in event time
+        to time ``at`` (co-clicks' half-life); 0 for an item never clicked."""
 
     @abc.abstractmethod
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
@@ -163,6 +184,28 @@ def normalised_cooccurrence(rows: dict[str, list[tuple[str, float]]], counts: di
     for a, partners in rows.items():
         ca = counts.get(a, 0.0)
         scored = [(b, c / math.sqrt(ca * counts[b])) for b, c in partners if ca > 0 and counts.get(b, 0.0) > 0]
+        scored.sort(key=lambda bc: (-bc[1], bc[0]))
+        out[a] = scored[:n]
+    return out
+
+
+def transition_weights(c: ClickEffect) -> list[tuple[str, float]]:
+    """(earlier item, 1 / gap) for each distinct earlier click of ``c``: gap 1 for the click just
+    before it, 2 for the one before that; an item met twice counts at its nearest place."""
+    out: dict[str, float] = {}
+    for gap, prev in enumerate(reversed(c.previous), 1):
+        if prev != c.item_id and prev not in out:
+            out[prev] = 1.0 / gap
+    return list(out.items())
+
+
+def normalised_transitions(rows: dict[str, list[tuple[str, float]]], counts: dict[str, float],
+                           n: int) -> dict[str, list[tuple[str, float]]]:
+    """Steps a -> b over the clicks of a, the best ``n`` per item."""
+    out = {}
+    for a, partners in rows.items():
+        ca = counts.get(a, 0.0)
+        scored = [(b, c / ca) for b, c in partners] if ca > 0 else []
         scored.sort(key=lambda bc: (-bc[1], bc[0]))
         out[a] = scored[:n]
     return out

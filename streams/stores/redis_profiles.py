@@ -22,10 +22,12 @@ import struct
 from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
+from models.learning import FEATURES, MODEL_ID
 from models.profile import Profile
 from streams.stores import codec
 from streams.stores.profiles import (DELIVERY_STATS, STAT_FIELDS, Effects, ProfileStore, StoreOptions, Write,
-                                     normalised_cooccurrence, shard_of)
+                                     normalised_cooccurrence, normalised_transitions, shard_of,
+                                     transition_weights)
 
 log = logging.getLogger("streamrec.store")
 
@@ -64,7 +66,7 @@ local ref = tonumber(redis.call('HGET', m, 'ref') or '')
 local cref = tonumber(redis.call('HGET', m, 'cref') or '')
 for i = first, #ARGV, 7 do
   local kind, t = ARGV[i], tonumber(ARGV[i + 5])
-  if kind == 'p' or kind == 'c' then
+  if kind == 'p' or kind == 'c' or kind == 't' then
     if not ref then ref = t; redis.call('HSET', m, 'ref', t) end
     if not cref then cref = t; redis.call('HSET', m, 'cref', t) end
     if (t - ref) / hp > 64 then return 'rescale' end
@@ -79,7 +81,7 @@ local function fresh(src, off)
   return true
 end
 local touched_pop, touched_co = {}, {}
-local clicks, pairs_ = 0, 0
+local clicks, pairs_, steps = 0, 0, 0
 for i = first, #ARGV, 7 do
   local kind, src, off = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   if kind == 'r' then
@@ -96,11 +98,11 @@ for i = first, #ARGV, 7 do
       end
       redis.call('HINCRBYFLOAT', KEYS[3], item, math.pow(2, (t - cref) / hc))
       clicks = clicks + 1
-    elseif kind == 'c' then
+    elseif kind == 'c' or kind == 't' then
       local key = KEYS[4 + ns + tonumber(ARGV[i + 4])]
-      redis.call('ZINCRBY', key, math.pow(2, (tonumber(ARGV[i + 5]) - cref) / hc), ARGV[i + 3])
+      redis.call('ZINCRBY', key, tonumber(ARGV[i + 6]) * math.pow(2, (tonumber(ARGV[i + 5]) - cref) / hc), ARGV[i + 3])
       touched_co[key] = true
-      pairs_ = pairs_ + 1
+      if kind == 'c' then pairs_ = pairs_ + 1 else steps = steps + 1 end
     else
       redis.call('HINCRBY', KEYS[4], ARGV[i + 3], ARGV[i + 5])
     end
@@ -111,7 +113,34 @@ for key in pairs(touched_co) do redis.call('ZREMRANGEBYRANK', key, 0, -(keep_co 
 for src, off in pairs(new) do redis.call('HSET', m, 'w:' .. src, off) end
 if clicks > 0 then redis.call('HINCRBY', m, 'clicks', clicks) end
 if pairs_ > 0 then redis.call('HINCRBY', m, 'pairs', pairs_) end
+if steps > 0 then redis.call('HINCRBY', m, 'steps', steps) end
 return 'ok'
+"""
+
+# The ranker's steps, each at most once. KEYS: the model hash. ARGV: the model id, the feature
+# names' count F, the feature names, then per step: source, offset, F deltas. Returns the steps applied.
+_LEARN = """
+local h = KEYS[1]
+local id, f = ARGV[1], tonumber(ARGV[2])
+if redis.call('HGET', h, 'model') ~= id then
+  redis.call('DEL', h)
+  redis.call('HSET', h, 'model', id)
+end
+local names = {}
+for j = 1, f do names[j] = ARGV[2 + j] end
+local wm, applied = {}, 0
+for i = 3 + f, #ARGV, 2 + f do
+  local src, off = ARGV[i], tonumber(ARGV[i + 1])
+  if wm[src] == nil then wm[src] = tonumber(redis.call('HGET', h, 'w:' .. src) or '-1') end
+  if off > wm[src] then
+    for j = 1, f do redis.call('HINCRBYFLOAT', h, names[j], ARGV[i + 1 + j]) end
+    wm[src] = off
+    applied = applied + 1
+    redis.call('HSET', h, 'w:' .. src, off)
+  end
+end
+if applied > 0 then redis.call('HINCRBY', h, 'steps', applied) end
+return applied
 """
 
 # Move a decay reference forward. KEYS: meta, then every zset or hash scored against it.
@@ -219,6 +248,7 @@ class RedisProfileStore(ProfileStore):
         self.redis = connect(url, decode_responses=False, socket_timeout=30, **extra, **(redis_options or {}))
         self._commit = self.redis.register_script(_COMMIT)
         self._apply = self.redis.register_script(_APPLY)
+        self._learn = self.redis.register_script(_LEARN)
         self._rescale = self.redis.register_script(_RESCALE)
         self._number = self.redis.register_script(_NUMBER)
         self._progress = self.redis.register_script(_PROGRESS)
@@ -378,25 +408,34 @@ class RedisProfileStore(ProfileStore):
                     continue
                 for a, b in ((c.item_id, prev), (prev, c.item_id)):
                     sa = shard(self._shard(a))
-                    ci = sa["co"].setdefault(a, len(sa["co"]) + 1)
-                    sa["ops"] += ["c", source, offset, b, ci, repr(float(c.timestamp)), 0]
+                    ci = sa["co"].setdefault("co:" + a, len(sa["co"]) + 1)
+                    sa["ops"] += ["c", source, offset, b, ci, repr(float(c.timestamp)), 1]
+            for prev, w in transition_weights(c):
+                sa = shard(self._shard(prev))
+                ci = sa["co"].setdefault("tr:" + prev, len(sa["co"]) + 1)
+                sa["ops"] += ["t", source, offset, c.item_id, ci, repr(float(c.timestamp)), repr(w)]
         for source, offset, name, n in effects.stats:
             kind = "r" if name in DELIVERY_STATS else "s"
             shard(self._shard(source))["ops"] += [kind, source, offset, name, 0, n, 0]
         pending = {k: sh for k, sh in shards.items() if sh["ops"]}
+        learn: list = []
+        for source, offset, step in effects.learn:
+            learn += [source, offset, *(repr(float(v)) for v in step)]
         plan = await self._replicas()
-        for _attempt in range(4):
-            if not pending:
+        for attempt in range(4):
+            if not pending and not learn:
                 break
             order = list(pending)
 
-            def build(pipe, order=order, pending=pending) -> None:
+            def build(pipe, order=order, pending=pending, learn=learn if attempt == 0 else []) -> None:
+                if learn:  # the ranker's steps: an integer reply, before the shards' ones
+                    self._script(pipe, self._learn, [self.model_key()], [MODEL_ID, len(FEATURES), *FEATURES, *learn])
                 for k in order:
                     sh = pending[k]
                     keys = [self.shard_key(k, "m"), self.shard_key(k, "pop"), self.shard_key(k, "n"),
                             self.shard_key(k, "stats"),
                             *(self.shard_key(k, "pop:" + s) for s in sh["scenes"]),
-                            *(self.shard_key(k, "co:" + i) for i in sh["co"])]
+                            *(self.shard_key(k, name) for name in sh["co"])]
                     args = [self.o.popularity_halflife_s, self.o.cooccur_halflife_s, self.o.cooccur_keep,
                             self.o.popular_keep, len(sh["scenes"]), len(sh["co"]), *sh["ops"]]
                     self._script(pipe, self._apply, keys, args)
@@ -408,6 +447,7 @@ class RedisProfileStore(ProfileStore):
             if plan:
                 self._check_wait(plan, rows[-len(plan):])
                 rows = rows[: -len(plan)]
+            learn = []
             results = [r for r in rows if isinstance(r, bytes)]
             again = {}
             for k, r in zip(order, results, strict=True):
@@ -422,7 +462,7 @@ class RedisProfileStore(ProfileStore):
         """Move shard ``k``'s popularity (or co-click) reference up to the batch's latest time."""
         meta = await self.redis.hgetall(self.shard_key(k, "m"))
         meta = {a.decode(): b for a, b in meta.items()}
-        times = [float(sh["ops"][i + 5]) for i in range(0, len(sh["ops"]), 7) if sh["ops"][i] in ("p", "c")]
+        times = [float(sh["ops"][i + 5]) for i in range(0, len(sh["ops"]), 7) if sh["ops"][i] in ("p", "c", "t")]
         field, half = ("cref", self.o.cooccur_halflife_s) if co else ("ref", self.o.popularity_halflife_s)
         ref = float(meta[field])
         shift = math.floor((max(times) - ref) / half) - 1
@@ -430,13 +470,27 @@ class RedisProfileStore(ProfileStore):
             return
         if co:
             items = [i.decode() for i in await self.redis.hkeys(self.shard_key(k, "n"))]
-            keys = [self.shard_key(k, "n"), *(self.shard_key(k, "co:" + i) for i in items)]
+            keys = [self.shard_key(k, "n"), *(self.shard_key(k, kind + i) for i in items for kind in ("co:", "tr:"))]
         else:
             scenes = [f[2:] for f in meta if f.startswith("s:")]
             keys = [self.shard_key(k, "pop"), *(self.shard_key(k, "pop:" + s) for s in scenes)]
         log.info("shard %d: moving the %s reference forward by %d half-lives", k, field, shift)
         await self._rescale(keys=[self.shard_key(k, "m"), *keys],
                             args=[field, repr(ref + shift * half), repr(math.pow(2.0, -shift))])
+
+    def model_key(self) -> str:
+        return f"{self.prefix}:{{model}}:w"
+
+    async def model(self) -> dict[str, float | str]:
+        raw = await self.redis.hgetall(self.model_key())
+        out: dict[str, float | str] = {}
+        for k, v in raw.items():
+            name = k.decode()
+            if name == "model":
+                out[name] = v.decode()
+            elif not name.startswith("w:"):
+                out[name] = float(v)
+        return out
 
     async def published(self, sources: Sequence[str]) -> dict[str, int]:
         sources = list(dict.fromkeys(sources))
@@ -454,14 +508,20 @@ class RedisProfileStore(ProfileStore):
         return {i: int(n) for i, n in zip(ids, nums, strict=True)}
 
     async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        return await self._partners("co:", item_ids, n)
+
+    async def transitions(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        return await self._partners("tr:", item_ids, n)
+
+    async def _partners(self, kind: str, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
         item_ids = list(dict.fromkeys(item_ids))
         if not item_ids:
             return {}
         shards = sorted({self._shard(a) for a in item_ids})
         rows_raw = await self._pipeline(lambda pipe: [
-            pipe.zrevrange(self.shard_key(self._shard(a), "co:" + a), 0, -1, withscores=True) for a in item_ids])
+            pipe.zrevrange(self.shard_key(self._shard(a), kind + a), 0, -1, withscores=True) for a in item_ids])
         rows = {a: [(b.decode(), float(c)) for b, c in r] for a, r in zip(item_ids, rows_raw, strict=True)}
-        names = list({*item_ids, *(b for r in rows.values() for b, _ in r)})
+        names = list({*item_ids, *(b for r in rows.values() for b, _ in r)}) if kind == "co:" else item_ids
         by_shard: dict[int, list[str]] = {}
         for x in names:
             by_shard.setdefault(self._shard(x), []).append(x)
@@ -484,7 +544,31 @@ class RedisProfileStore(ProfileStore):
                 if v is not None and k in scale:
                     counts[x] = float(v) * scale[k]
         rows = {a: [(b, c * scale.get(self._shard(a), 0.0)) for b, c in r] for a, r in rows.items()}
+        if kind == "tr:":
+            return normalised_transitions(rows, counts, n)
         return normalised_cooccurrence(rows, counts, n)
+
+    async def item_clicks(self, item_ids: Sequence[str], at: float) -> dict[str, float]:
+        by_shard: dict[int, list[str]] = {}
+        for i in dict.fromkeys(item_ids):
+            by_shard.setdefault(self._shard(i), []).append(i)
+        if not by_shard:
+            return {}
+        shards = list(by_shard)
+
+        def build(pipe) -> None:
+            for k in shards:
+                pipe.hget(self.shard_key(k, "m"), "cref")
+                pipe.hmget(self.shard_key(k, "n"), by_shard[k])
+
+        got = await self._pipeline(build)
+        out: dict[str, float] = {}
+        for j, k in enumerate(shards):
+            cref, vals = got[2 * j], got[2 * j + 1]
+            f = math.pow(2.0, (float(cref) - at) / self.o.cooccur_halflife_s) if cref is not None else 0.0
+            for i, v in zip(by_shard[k], vals, strict=True):
+                out[i] = float(v) * f if v is not None else 0.0
+        return out
 
     async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
         S = self.o.shards
@@ -548,7 +632,8 @@ class RedisProfileStore(ProfileStore):
             for (k, ids), fields in zip(by_shard.items(), metas, strict=True):
                 scenes = [f.decode()[2:] for f in fields if f.startswith(b"s:")]
                 keys = [self.shard_key(k, "pop"), self.shard_key(k, "n"),
-                        *(self.shard_key(k, "pop:" + s) for s in scenes), *(self.shard_key(k, "co:" + i) for i in ids)]
+                        *(self.shard_key(k, "pop:" + s) for s in scenes),
+                        *(self.shard_key(k, kind + i) for i in ids for kind in ("co:", "tr:"))]
                 self._script(pipe, self._remove, keys, [len(scenes), *ids])
 
         await self._pipeline(build)

@@ -87,10 +87,11 @@ def profiles(r, prefix: str, users: Iterable[str]) -> dict[str, Optional[Profile
 
 def expected_counters(events: list[dict], params: ModelParams = ModelParams()) -> dict[str, int]:
     """Per-item effects that the events should have made, counted the way the pipeline makes them:
-    each click adds one to its item's clicks, and a co-click each way with each distinct other item
-    among the user's last ``cooccur_window`` clicks in a history of ``history_size`` events."""
+    each click adds one to its item's clicks, and a co-click each way and a step to it from each
+    distinct other item among the user's last ``cooccur_window`` clicks in a history of
+    ``history_size`` events."""
     history: dict[str, list[tuple[str, str]]] = {}
-    clicks = pairs = 0
+    clicks = pairs = steps = 0
     for e in events:
         h = history.setdefault(e["user_id"], [])
         if e["type"] == "forget":
@@ -100,9 +101,10 @@ def expected_counters(events: list[dict], params: ModelParams = ModelParams()) -
             earlier = [i for kind, i in h if kind == "click"][-params.cooccur_window:]
             clicks += 1
             pairs += 2 * len(set(earlier) - {e["item_id"]})
+            steps += len(set(earlier) - {e["item_id"]})
         h.append((e["type"], e.get("item_id", "")))
         del h[: max(0, len(h) - params.history_size)]
-    return {"clicks": clicks, "pairs": pairs}
+    return {"clicks": clicks, "pairs": pairs, "steps": steps}
 
 
 def audit(r, prefix: str, events: list[dict], answers: dict[str, int], shards: int = 16) -> dict:
@@ -111,7 +113,7 @@ def audit(r, prefix: str, events: list[dict], answers: dict[str, int], shards: i
     Per user, the stored profile counts the events it took in since its last forget and sums
     their id hashes (``Applied``), and counts clicks and queries on its own; an event lost or
     applied twice moves the count or the sum away from what the sent events give. Per-item state
-    is audited by the totals of applied clicks and co-clicks that the shards keep beside their
+    is audited by the totals of applied clicks, co-clicks and steps that the shards keep beside their
     counters (``counters_off_by``: how far they are from what the events should give).
     ``answers`` maps a trigger event id to its lists (:func:`count_answers`). An event whose
     batch ran again after its list was out gets it again: marked ``duplicate`` when its state had
@@ -142,14 +144,15 @@ def audit(r, prefix: str, events: list[dict], answers: dict[str, int], shards: i
         out["applied_once"] += len(evs) - lost - twice if lost or twice else len(evs)
     pipe = r.pipeline(transaction=False)
     for k in range(shards):
-        pipe.hmget(f"{prefix}:{{s:{k}}}:m", ["clicks", "pairs"])
-    got = {"clicks": 0, "pairs": 0}
-    for c, pr in pipe.execute():
-        got["clicks"] += int(c or 0)
-        got["pairs"] += int(pr or 0)
+        pipe.hmget(f"{prefix}:{{s:{k}}}:m", ["clicks", "pairs", "steps"])
+    got = {"clicks": 0, "pairs": 0, "steps": 0}
+    for row in pipe.execute():
+        for name, v in zip(("clicks", "pairs", "steps"), row):
+            got[name] += int(v or 0)
     want = expected_counters(events)
-    out["counters"] = {"clicks": [got["clicks"], want["clicks"]], "co_clicks": [got["pairs"], want["pairs"]]}
-    out["counters_off_by"] = abs(got["clicks"] - want["clicks"]) + abs(got["pairs"] - want["pairs"])
+    out["counters"] = {"clicks": [got["clicks"], want["clicks"]], "co_clicks": [got["pairs"], want["pairs"]],
+                       "steps": [got["steps"], want["steps"]]}
+    out["counters_off_by"] = sum(abs(got[name] - want[name]) for name in ("clicks", "pairs", "steps"))
     out["answered"] = sum(1 for e in events if answers.get(e["event_id"]) or e["type"] == "forget")
     out["unanswered"] = len(events) - out["answered"]
     out["republished"] = sum(max(len(ls) - 1, 0) for ls in answers.values())

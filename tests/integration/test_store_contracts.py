@@ -146,6 +146,15 @@ def test_effects_apply_once_per_source_offset_whatever_the_batching(url):
         assert dict(co["b"])["a"] == pytest.approx(2 / math.sqrt(2 * 2), rel=1e-3)
         assert dict(co["b"])["c"] == pytest.approx(2 / math.sqrt(2 * 1), rel=1e-3)
         assert dict(co["a"])["c"] == pytest.approx(1 / math.sqrt(2 * 1), rel=1e-3)
+        tr = await store.transitions(["a", "b", "c"], 5)
+        # steps (offset, gap): a->b (1, 1), b->a (2, 1), a->c (3, 1), b->c (3, 2), c->b (4, 1); the
+        # replayed offsets add nothing; each over the clicks of its source item (a 2, b 2, c 1)
+        assert dict(tr["a"]) == pytest.approx({"b": 1 / 2, "c": 1 / 2}, rel=5e-3)  # c at t=10 s
+        assert dict(tr["b"]) == pytest.approx({"a": 1 / 2, "c": 0.5 / 2}, rel=5e-3)
+        assert tr["c"] == [("b", pytest.approx(1.0, rel=5e-3))]
+        n = await store.item_clicks(["a", "c", "zz"], at=10.0)
+        assert n["c"] == pytest.approx(1.0, rel=1e-6) and n["zz"] == 0.0
+        assert n["a"] == pytest.approx(2 * 2 ** (-10 / OPTIONS.cooccur_halflife_s), rel=1e-6)  # both at t=0
         stats = await store.stats()
         assert stats["events_in"] == 2 and stats["redelivered"] == 2  # per delivery
         other = clicks((0, "a", []), source="replayed:0")  # another source has its own watermark
@@ -197,6 +206,9 @@ def test_cooccurrence_keeps_the_strongest_partners_so_new_ones_displace_stale_on
         assert got["a"][0][0] == "g" and len(got["a"]) == 3  # the newest partner is kept, the weakest old one went
         await store.remove_items(["g"])
         assert "g" not in [x for x, _ in (await store.cooccurring(["a"], 5))["a"]]
+        assert (await store.transitions(["d"], 5))["d"] and not (await store.transitions(["g"], 5))["g"]
+        await store.remove_items(["d"])
+        assert (await store.transitions(["d"], 5)) == {"d": []}
     run(url, go)
 
 

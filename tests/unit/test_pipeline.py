@@ -222,7 +222,8 @@ def test_a_concurrent_writer_makes_the_batch_conflict_and_apply_once_when_proces
 def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_index):
     """Each list sees the profile right after its event: nothing from later events in the batch,
     whether seen items are over-fetched or excluded in the index (with later clicks of the batch
-    added back). Popularity and co-clicks are off: they depend on how partitions interleave."""
+    added back). The shared signals (popularity, co-clicks, steps, learned weights) are off: they
+    depend on how partitions interleave."""
     import streams.pipeline
 
     monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", exclude_in_index)
@@ -231,7 +232,8 @@ def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_i
                "scene": "tv"},
               click("e4", "u", items_of("travel")[0], scene="mobile"), click("e5", "u", items_of("jazz")[1], scene="tv")]
     events += [click(f"j{n}", "u", item) for n, item in enumerate(items_of("jazz")[2:8])]
-    together, apart = (make_pipeline(w_popularity=0.0, w_cooccur=0.0), make_pipeline(w_popularity=0.0, w_cooccur=0.0))
+    shared = "popularity,cooccur,transitions,learning"
+    together, apart = (make_pipeline(signals_off=shared), make_pipeline(signals_off=shared))
     for p in (together, apart):
         run_catalog(p, msgs(CATALOG, "catalog"))
     one_batch = recs(run_events(together, msgs(events)))
@@ -299,7 +301,7 @@ def test_items_clicked_together_by_others_are_recommended_with_that_reason():
     out = recs(run_events(p, msgs([click("u1", "u", jazz)])))[0]
     assert out["items"][0]["item_id"] == cooking
     assert out["items"][0]["reason"] == f"often clicked with {title[jazz]}"
-    off = make_pipeline(w_cooccur=0.0)
+    off = make_pipeline(signals_off="cooccur,transitions")  # both bring a partner clicked after jazz
     run_catalog(off, msgs(CATALOG, "catalog"))
     run_events(off, msgs(history))
     assert cooking not in [i["item_id"] for i in recs(run_events(off, msgs([click("u1", "u", jazz)])))[0]["items"]]
