@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     item_cache_size: int = Field(50_000, ge=0)
     item_cache_ttl_s: float = Field(60.0, ge=0)
     popularity_halflife_s: float = Field(6 * 3600.0, gt=0, description="popularity halves over this much event time")
-    cooccur_halflife_s: float = Field(30 * 86400.0, gt=0, description="co-clicks halve over this much event time")
+    cooccur_halflife_s: float = Field(365 * 86400.0, gt=0, description="co-clicks, steps and clicks per item halve over this much event time")
     cooccur_keep: int = Field(200, ge=1, description="co-clicked partners kept per item (the strongest, decayed)")
     popular_keep: int = Field(5_000, ge=1, description="items kept per shard in each popularity list")
     state_shards: int = Field(16, ge=1, description="shards of per-item state and stats in Redis; fixed for a key prefix")

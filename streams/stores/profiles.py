@@ -223,7 +223,7 @@ class StoreOptions:
 
     shards: int = 16  # shards of per-item state (and of stats)
     popularity_halflife_s: float = 6 * 3600.0
-    cooccur_halflife_s: float = 30 * 86400.0
+    cooccur_halflife_s: float = 365 * 86400.0
     cooccur_keep: int = 200  # co-clicked partners kept per item (the strongest, decayed)
     popular_keep: int = 5000  # items kept per shard in each popularity list (the most popular)
     forget_ttl_s: float = 7 * 86400.0  # how long a forgotten user's tombstone recognises redeliveries
