@@ -284,7 +284,8 @@ class RedisProfileStore(ProfileStore):
         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _load_scripts(self) -> None:
-        for script in (self._commit, self._apply, self._rescale, self._number, self._progress, self._remove):
+        for script in (self._commit, self._apply, self._learn, self._rescale, self._number, self._progress,
+                       self._remove):
             await self.redis.script_load(script.script)
 
     # -- keys ----------------------------------------------------------------------------------

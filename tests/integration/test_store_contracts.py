@@ -163,6 +163,27 @@ def test_effects_apply_once_per_source_offset_whatever_the_batching(url):
     run(url, go)
 
 
+def test_the_rankers_steps_apply_once_per_source_offset(url):
+    from models.learning import FEATURES, MODEL_ID
+
+    async def go(store):
+        assert await store.model() == {}
+        if url != "memory://":  # a server that lost its scripts (a restart, a failover) gets them again
+            await store.redis.script_flush()
+        step = np.arange(len(FEATURES), dtype=float) / 10
+        fx = Effects()
+        fx.learn += [("events:0", 3, step), ("events:0", 4, -2 * step), ("events:1", 0, step)]
+        await store.apply(fx)
+        await store.apply(fx)  # the same batch again
+        again = Effects()
+        again.learn += [("events:0", 4, -2 * step), ("events:0", 5, step)]  # only offset 5 is new
+        await store.apply(again)
+        model = await store.model()
+        assert model["model"] == MODEL_ID and model["steps"] == 4
+        assert [model[f] for f in FEATURES] == pytest.approx((step - 2 * step + step + step).tolist())
+    run(url, go)
+
+
 def test_popular_merges_the_shards_exactly_and_published_tells_what_was_applied(url):
     async def go(store):
         # item i clicked i % 23 + 1 times: ties and uneven shards; the top 40 come back exactly
