@@ -29,6 +29,8 @@ def test_clicks_sent_while_the_catalog_is_being_indexed_wait_for_it(stack, tmp_p
                    "item_id": catalog[(n * 7919) % len(catalog)]["item_id"], "timestamp": now} for n in range(1100)]
         h.send(clicks)
         read_outputs(h.log, h.settings.topic_recommendations, [c["event_id"] for c in clicks], 300, h.worker)
+        # a batch's lists are out before its effects and stats are applied: wait for those too
+        wait_stat(h.redis, h.prefix, "events_in", 1100, 120, h.worker)
         stats = h.stats()
         assert stats["dead_letters"] == 0, stats
         assert stats["events_applied"] == 1100 and stats["items_upserted"] == 1200, stats
