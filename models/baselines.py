@@ -200,7 +200,56 @@ def _grown_square(mat: np.ndarray, n: int, max_items: int) -> np.ndarray:
     return out
 
 
-class ItemKnnBaseline(Baseline):
+class _DenseBaseline(Baseline):
+    """A baseline over a dense item x item float32 matrix (attribute ``matrix_name``) and click
+    counts per item: grown together, refused above ``max_items`` items."""
+
+    matrix_name: str
+    max_items: int
+
+    def _grow(self, cap: int) -> None:
+        """More per-item arrays to grow to ``cap`` rows (the matrix and counts are)."""
+
+    def _reserve(self, n: int) -> None:
+        mat = getattr(self, self.matrix_name)
+        if n <= mat.shape[0]:
+            return
+        _check_dense(self.name, n, self.max_items)
+        mat = _grown_square(mat, n, self.max_items)
+        setattr(self, self.matrix_name, mat)
+        self.count = _grown(self.count, mat.shape[0])
+        self._grow(mat.shape[0])
+
+    def add_items(self, items: Iterable[str]) -> None:
+        items = list(items)
+        _check_dense(self.name, len(self.items) + self.items.new_count(items), self.max_items)
+        self.items.extend(items)
+        self._reserve(len(self.items))
+
+    def _index(self, item: str) -> int:
+        """The item's index, room made for it first."""
+        if item not in self.items.pos:
+            self._reserve(len(self.items) + 1)
+        return self.items.add(item)
+
+    def _scores(self, src: np.ndarray, n: int) -> np.ndarray:
+        """Scores of the first ``n`` items from the user's recent clicks ``src`` (indices)."""
+        raise NotImplementedError
+
+    def recommend(self, user: str, k: int, exclude: set[str]) -> list[str]:
+        """The best scored items (only those with a positive score), then the most clicked."""
+        n = len(self.items)
+        excl = self.items.indices(exclude)
+        recent = self.history.get(user, [])[-self.recent:]
+        ranked = np.empty(0, dtype=np.intp)
+        if recent:
+            scores = self._scores(np.asarray(recent, dtype=np.intp), n)
+            scores[scores <= 0] = -np.inf  # only items the recent clicks point to
+            ranked = _top_k(scores, k, excl)
+        return self.items.to_ids(_fill_by_count(ranked, k, self.count[:n], excl))
+
+
+class ItemKnnBaseline(_DenseBaseline):
     """Item-to-item co-occurrence kNN: two items co-occur when the same user clicked both (each new
     click pairs with the user's last ``max_history`` clicks). A user's list scores item j by
     sum over the user's last ``recent`` clicks i of co(i, j) / sqrt(count(i) * count(j)) (cosine of
@@ -208,6 +257,7 @@ class ItemKnnBaseline(Baseline):
     a dense float32 matrix, so a catalog above ``max_items`` items is refused with a ValueError."""
 
     name = "item_knn"
+    matrix_name = "co"
 
     def __init__(self, recent: int = 20, max_history: int = 200, max_items: int = 20_000) -> None:
         self.recent, self.max_history, self.max_items = recent, max_history, max_items
@@ -217,24 +267,11 @@ class ItemKnnBaseline(Baseline):
         self.inv_sqrt = np.zeros(0, dtype=np.float32)  # 1 / sqrt(count), 0 where count is 0
         self.history: dict[str, list[int]] = {}
 
-    def _reserve(self, n: int) -> None:
-        if n <= self.co.shape[0]:
-            return
-        _check_dense(self.name, n, self.max_items)
-        self.co = _grown_square(self.co, n, self.max_items)
-        self.count = _grown(self.count, self.co.shape[0])
-        self.inv_sqrt = _grown(self.inv_sqrt, self.co.shape[0])
-
-    def add_items(self, items: Iterable[str]) -> None:
-        items = list(items)
-        _check_dense(self.name, len(self.items) + self.items.new_count(items), self.max_items)
-        self.items.extend(items)
-        self._reserve(len(self.items))
+    def _grow(self, cap: int) -> None:
+        self.inv_sqrt = _grown(self.inv_sqrt, cap)
 
     def update(self, user: str, item: str, timestamp: float) -> None:
-        if item not in self.items.pos:
-            self._reserve(len(self.items) + 1)
-        i = self.items.add(item)
+        i = self._index(item)
         hist = self.history.setdefault(user, [])
         if hist:
             others = np.asarray(hist[-self.max_history:], dtype=np.intp)
@@ -245,19 +282,10 @@ class ItemKnnBaseline(Baseline):
         self.inv_sqrt[i] = 1.0 / np.sqrt(self.count[i])
         hist.append(i)
 
-    def recommend(self, user: str, k: int, exclude: set[str]) -> list[str]:
-        n = len(self.items)
-        excl = self.items.indices(exclude)
-        recent = self.history.get(user, [])[-self.recent:]
-        ranked = np.empty(0, dtype=np.intp)
-        if recent:
-            src = np.asarray(recent, dtype=np.intp)
-            inv = self.inv_sqrt[:n]
-            with _one_blas_thread():
-                scores = (inv[src] @ self.co[src, :n]) * inv
-            scores[scores <= 0] = -np.inf  # only items that co-occur
-            ranked = _top_k(scores, k, excl)
-        return self.items.to_ids(_fill_by_count(ranked, k, self.count[:n], excl))
+    def _scores(self, src: np.ndarray, n: int) -> np.ndarray:
+        inv = self.inv_sqrt[:n]
+        with _one_blas_thread():
+            return (inv[src] @ self.co[src, :n]) * inv
 
 
 class RiverMFBaseline(Baseline):
@@ -432,7 +460,7 @@ class ImplicitALSBaseline(Baseline):
         return self.items.to_ids(_top_k(scores, k, self.items.indices(exclude)))
 
 
-class SequentialRulesBaseline(Baseline):
+class SequentialRulesBaseline(_DenseBaseline):
     """Sequential rules (Ludewig & Jannach 2018): directed transitions. When a user clicks j, each of
     their previous ``window`` clicks i adds 1 / g to rule(i, j), g the gap (1 for the click just
     before, 2 for the one before that, ...; i == j adds nothing). A list scores item j by the sum
@@ -443,6 +471,7 @@ class SequentialRulesBaseline(Baseline):
     in a dense float32 matrix, so a catalog above ``max_items`` items is refused with a ValueError."""
 
     name = "sequential_rules"
+    matrix_name = "rules"
 
     def __init__(self, window: int = 10, recent: int = 3, position_weighted: bool = True,
                  max_items: int = 20_000) -> None:
@@ -454,23 +483,8 @@ class SequentialRulesBaseline(Baseline):
         self.history: dict[str, list[int]] = {}
         self.gap_weight = (1.0 / np.arange(window, 0, -1)).astype(np.float32)  # gaps window .. 1
 
-    def _reserve(self, n: int) -> None:
-        if n <= self.rules.shape[0]:
-            return
-        _check_dense(self.name, n, self.max_items)
-        self.rules = _grown_square(self.rules, n, self.max_items)
-        self.count = _grown(self.count, self.rules.shape[0])
-
-    def add_items(self, items: Iterable[str]) -> None:
-        items = list(items)
-        _check_dense(self.name, len(self.items) + self.items.new_count(items), self.max_items)
-        self.items.extend(items)
-        self._reserve(len(self.items))
-
     def update(self, user: str, item: str, timestamp: float) -> None:
-        if item not in self.items.pos:
-            self._reserve(len(self.items) + 1)
-        j = self.items.add(item)
+        j = self._index(item)
         hist = self.history.setdefault(user, [])
         if hist:
             prev = np.asarray(hist[-self.window:], dtype=np.intp)
@@ -482,22 +496,13 @@ class SequentialRulesBaseline(Baseline):
         if len(hist) > 2 * max(self.window, self.recent):
             del hist[:-max(self.window, self.recent)]
 
-    def recommend(self, user: str, k: int, exclude: set[str]) -> list[str]:
-        n = len(self.items)
-        excl = self.items.indices(exclude)
-        recent = self.history.get(user, [])[-self.recent:]
-        ranked = np.empty(0, dtype=np.intp)
-        if recent:
-            src = np.asarray(recent, dtype=np.intp)
-            if self.position_weighted:
-                w = (1.0 / np.arange(len(src), 0, -1)).astype(np.float32)
-            else:
-                w = np.ones(len(src), dtype=np.float32)
-            with _one_blas_thread():
-                scores = w @ self.rules[src, :n]
-            scores[scores <= 0] = -np.inf  # only items some recent click leads to
-            ranked = _top_k(scores, k, excl)
-        return self.items.to_ids(_fill_by_count(ranked, k, self.count[:n], excl))
+    def _scores(self, src: np.ndarray, n: int) -> np.ndarray:
+        if self.position_weighted:
+            w = (1.0 / np.arange(len(src), 0, -1)).astype(np.float32)
+        else:
+            w = np.ones(len(src), dtype=np.float32)
+        with _one_blas_thread():
+            return w @ self.rules[src, :n]
 
 
 class SessionKnnBaseline(Baseline):
