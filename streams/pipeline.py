@@ -32,7 +32,7 @@ import numpy as np
 from models.params import ModelParams
 from models.profile import Applied, Explainer, Profile, apply_click, apply_query, click_strength, query_vector
 from models.learning import Impression, pairwise_step, weights_from
-from models.ranking import Candidate, Ranked, RankedList, Signals, cold_start, rank
+from models.ranking import Candidate, Ranked, Signals, cold_start, rank
 from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, ItemUpsert, Limits, Query,
                      RecommendationRequest, RecommendedItem, Recommendations, parse_catalog, parse_event,
                      parse_request)
@@ -576,7 +576,7 @@ class Pipeline:
                                                for c in extra[: a.k * p.oversample]]
                 ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
                               only_categories=a.only_categories, signals=signals[i], weights=weights)
-                a.impression = ranked.impression if isinstance(ranked, RankedList) else Impression()
+                a.impression = ranked.impression
             if len(ranked) < a.k:
                 if newest is None:
                     newest = await self._pool(await self.profiles.newest(pool_size))
