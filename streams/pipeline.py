@@ -121,14 +121,21 @@ def _attrs(c: Candidate) -> tuple:
 class _SeenView:
     """The seen set as it was right after one event of a batch."""
 
-    __slots__ = ("base", "added", "all")
+    __slots__ = ("base", "added", "_all")
 
     def __init__(self, base: set[int], added: frozenset[int]) -> None:
         self.base, self.added = base, added
-        self.all = base | added if added else base  # for tests in loops (a set's own lookup)
+        self._all: Optional[set[int] | frozenset[int]] = None if added else base
+
+    @property
+    def all(self) -> set[int] | frozenset[int]:
+        """One set of both, made on first use (for tests in loops: a set's own lookup)."""
+        if self._all is None:
+            self._all = self.base | self.added
+        return self._all
 
     def __contains__(self, item: object) -> bool:
-        return item in self.all
+        return item in self.added or item in self.base
 
     def __len__(self) -> int:
         return len(self.base) + len(self.added)
