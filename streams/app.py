@@ -24,6 +24,9 @@ from workers.settings import Settings
 
 log = logging.getLogger("streamrec.agents")
 
+#: How long an events batch taken again waits for the rest of its events before it goes without them.
+REDO_WAIT_S = 10.0
+
 
 def broker_urls(settings: Settings) -> list[str]:
     """Faust broker URLs from the bootstrap list."""
@@ -86,33 +89,60 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
     def no_conflict(exc: BaseException) -> bool:  # a conflict means: process the batch again
         return transient(exc) and not isinstance(exc, ConflictError)
 
-    def consume(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]]):
+    async def run_batch(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]],
+                        raw: list[RawMessage]) -> None:
+        # Compute, publish, then write: a list is out before its event counts as applied.
+        while True:
+            t0 = time.perf_counter()
+            out = await retry_forever(lambda: process(raw), backoff, what=f"{name} batch", log=log)
+            t1 = time.perf_counter()
+            await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log)
+            t2 = time.perf_counter()
+            try:
+                await retry_forever(lambda out=out: pipeline.commit(out), backoff, what=f"{name} commit",
+                                    log=log, is_transient=no_conflict)
+                break
+            except ConflictError as exc:
+                log.info("%s batch: %s; processing it again", name, exc)
+        log.debug("%s batch of %d: process %.1f ms, publish %.1f ms, commit %.1f ms", name, len(raw),
+                  (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
+
+    def consume(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]], again: bool = False):
+        """An agent over ``process``. With ``again``, a batch whose lists may be out but whose effects
+        are not applied is taken again as it was (:meth:`Pipeline.next_batch`): events held for a
+        later batch wait, and events of that batch not yet held are waited for up to
+        ``REDO_WAIT_S``."""
         async def agent(stream: faust.StreamT) -> None:
+            held: list = []
+            waiting_since: Optional[float] = None
             async for batch in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
-                raw = [RawMessage(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key,
-                                  ev.message.value) for ev in batch]
-                # Compute, publish, then write: a list is out before its event counts as applied.
-                while True:
-                    t0 = time.perf_counter()
-                    out = await retry_forever(lambda raw=raw: process(raw), backoff, what=f"{name} batch", log=log)
-                    t1 = time.perf_counter()
-                    await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log)
-                    t2 = time.perf_counter()
-                    try:
-                        await retry_forever(lambda out=out: pipeline.commit(out), backoff, what=f"{name} commit",
-                                            log=log, is_transient=no_conflict)
-                        break
-                    except ConflictError as exc:
-                        log.info("%s batch: %s; processing it again", name, exc)
-                for ev in batch:
-                    await stream.ack(ev)
-                log.debug("%s batch of %d: process %.1f ms, publish %.1f ms, commit %.1f ms", name, len(raw),
-                          (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
+                held += batch
+                while held:
+                    raw = [RawMessage(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key,
+                                      ev.message.value) for ev in held]
+                    take: Optional[list[int]] = list(range(min(settings.batch_max, len(held))))
+                    if again:
+                        waited = waiting_since is not None and time.monotonic() - waiting_since >= REDO_WAIT_S
+                        take = await retry_forever(lambda raw=raw, waited=waited: pipeline.next_batch(
+                            raw, settings.batch_max, force=waited), backoff, what=f"{name} next batch", log=log)
+                        if take is None:
+                            waiting_since = waiting_since or time.monotonic()
+                            break
+                    waiting_since = None
+                    await run_batch(name, process, [raw[i] for i in take])
+                    taken = set(take)
+                    for i in take:
+                        await stream.ack(held[i])
+                    held = [ev for i, ev in enumerate(held) if i not in taken]
         agent.__name__ = name
         return agent
 
     if pipeline is not None:
         app.agent(catalog, name="catalog", concurrency=1)(consume("catalog", pipeline.process_catalog))
-        app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events))
+        app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events, again=True))
         app.agent(requests, name="requests", concurrency=1)(consume("requests", pipeline.process_requests))
+
+        @app.on_partitions_revoked.connect
+        async def partitions_moved(*args, **kwargs) -> None:  # another worker may begin batches on them
+            pipeline.lose_positions()
     return app

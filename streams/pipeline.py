@@ -11,7 +11,9 @@ A list is marked ``duplicate`` only when it was published before: its event is a
 profile, or its batch's effects are (both come after the publish). Such a list is made from the
 state as it is now (the profile after the user's later events), not as it was right after the
 event. An event whose batch stopped between the publish and the effects gets its list again
-unmarked, made from the same state.
+unmarked, made from the same state: the batch is noted before its lists go out, and taken again as
+it was (:meth:`Pipeline.next_batch`), since lists see the per-item state and the ranker's weights as
+they were before their batch.
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ class CatalogBehind(RuntimeError):
 
 def source_of(m: "RawMessage") -> str:
     return f"{m.topic}:{m.partition}"
+
+
+def batch_extent(batch: Sequence["RawMessage"]) -> dict[str, int]:
+    """Per source, the last offset in ``batch``."""
+    out: dict[str, int] = {}
+    for m in batch:
+        src = source_of(m)
+        out[src] = max(out.get(src, -1), m.offset)
+    return out
 
 
 @dataclass
@@ -210,6 +221,7 @@ class Pipeline:
         self._encode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-encode")
         self.clock = clock
         self.catalog_caught_up = catalog_caught_up
+        self._next: dict[str, int] = {}  # per source, the offset after this worker's last batch
 
     async def _run(self, fn: Callable, *args: Any, encoder: bool = False) -> Any:
         loop = asyncio.get_running_loop()
@@ -293,8 +305,9 @@ class Pipeline:
         for m, e in valid:
             by_user.setdefault(e.user_id, []).append((m, e))
         profiles = await self.load_profiles(list(by_user))
-        # a batch whose effects were applied had its lists out: they go again marked duplicate
-        published = await self.profiles.published({source_of(m) for m, _ in valid}) if valid else {}
+        # noted before any list is out, so that a worker that stops before the effects takes this batch
+        # again as it was; a batch whose effects were applied had its lists out: they go again marked
+        published = await self.profiles.begin(batch_extent(batch)) if valid else {}
         flat: list[tuple[RawMessage, _Answer]] = []
         sequences: dict[str, list[tuple[RawMessage, Optional[_Answer]]]] = {}
         shown = {u: prof.shown for u, prof in profiles.items()}
@@ -334,6 +347,51 @@ class Pipeline:
                 last = a.impression
             if u in writes and not writes[u].forgotten:
                 writes[u].profile.shown = last
+
+    async def next_batch(self, held: Sequence[RawMessage], size: int, force: bool = False) -> Optional[list[int]]:
+        """Which of ``held`` (indexes, in order) the next events batch takes: the first ``size``, or,
+        where a batch was begun and its effects were not applied (its worker stopped between the
+        two), that batch again, so that the same events on the same state make the same lists.
+        ``None``: some of that batch is not held yet (wait for it; ``force`` takes what is held).
+        A source that continues where this worker's last batch left it is not looked up."""
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for m in held:
+            src = source_of(m)
+            first.setdefault(src, m.offset)
+            last[src] = max(last.get(src, -1), m.offset)
+        unsure = [src for src, o in first.items() if self._next.get(src) != o]
+        redo: dict[str, int] = {}
+        pos: dict[str, tuple[int, dict[str, int]]] = {}
+        if unsure:
+            pos = await self.profiles.positions(unsure)
+            for src, (applied, begun) in pos.items():
+                if begun.get(src, -1) > applied:
+                    for other, end in begun.items():
+                        redo[other] = max(redo.get(other, -1), end)
+            others = [src for src in redo if src not in pos]
+            if others:
+                pos.update(await self.profiles.positions(others))
+        take: list[int] = []
+        if redo:
+            if not force and any(pos[src][0] < end and last.get(src, -1) < end for src, end in redo.items()):
+                return None
+            limit = {src: redo.get(src, pos[src][0] if src in pos else o - 1) for src, o in first.items()}
+            take = [i for i, m in enumerate(held) if m.offset <= limit[source_of(m)]]
+            if take:
+                log.info("taking again a batch begun before its effects were applied: %s",
+                         ", ".join(f"{src} to {end}" for src, end in sorted(redo.items())))
+        if not take:
+            take = list(range(min(size, len(held))))
+        for i in take:
+            src = source_of(held[i])
+            self._next[src] = max(self._next.get(src, 0), held[i].offset + 1)
+        return take
+
+    def lose_positions(self) -> None:
+        """Forget where the last batches left each source (partitions moved: another worker may have
+        begun a batch on one)."""
+        self._next.clear()
 
     async def load_profiles(self, user_ids: Sequence[str]) -> dict[str, Profile]:
         """Profiles ready to use: an unreadable one starts again, one whose vectors another encoder

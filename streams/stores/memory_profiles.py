@@ -20,6 +20,7 @@ class MemoryProfileStore(ProfileStore):
         self.o = options
         self._records: dict[str, bytes] = {}
         self._wm: dict[tuple[int, str], int] = {}  # (shard, source) -> last applied offset
+        self._batches: dict[str, dict[str, int]] = {}  # source -> the last batch begun with it
         self._ref: Optional[float] = None  # decay references: popularity, co-clicks
         self._cref: Optional[float] = None
         self._pop: dict[Optional[str], dict[str, float]] = {None: {}}
@@ -143,6 +144,15 @@ class MemoryProfileStore(ProfileStore):
 
     async def published(self, sources: Sequence[str]) -> dict[str, int]:
         return {src: self._wm.get((shard_of(src, self.o.shards), src), -1) for src in sources}
+
+    async def begin(self, batch: dict[str, int]) -> dict[str, int]:
+        for src in batch:
+            self._batches[src] = dict(batch)
+        return await self.published(list(batch))
+
+    async def positions(self, sources: Sequence[str]) -> dict[str, tuple[int, dict[str, int]]]:
+        wm = await self.published(sources)
+        return {src: (wm[src], dict(self._batches.get(src, {}))) for src in sources}
 
     async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
         for i in item_ids:

@@ -107,6 +107,17 @@ class ProfileStore(abc.ABC):
         events up to it had their lists out."""
 
     @abc.abstractmethod
+    async def begin(self, batch: dict[str, int]) -> dict[str, int]:
+        """Note a batch before its lists go out (``batch``: per source, its last offset) and return
+        :meth:`published` for its sources, in one round trip."""
+
+    @abc.abstractmethod
+    async def positions(self, sources: Sequence[str]) -> dict[str, tuple[int, dict[str, int]]]:
+        """Per source, :meth:`published` and the last batch noted with it by :meth:`begin` ({} for
+        none): a batch whose last offset is past the published one may have had its lists out
+        without its effects, and is taken again as it was."""
+
+    @abc.abstractmethod
     async def model(self) -> dict[str, float | str]:
         """The ranker's learned state: ``model`` (its id) and, per feature, the sum of the steps
         applied (empty before the first)."""

@@ -4,9 +4,11 @@ Keys (``P`` is the key prefix; ``{...}`` is a hash tag, so the keys of one scrip
 
 - ``P:{u:ID}``: the user's record (``streams.stores.codec``); a forgotten user's tombstone expires.
 - Shard ``k`` of per-item state (``k = crc32(item) % shards``; stats by source):
-  ``P:{s:k}:m`` hash of watermarks ``w:<source>``, decay references and the scenes it tracks;
-  ``P:{s:k}:pop`` and ``P:{s:k}:pop:<scene>`` decayed popularity; ``P:{s:k}:n`` decayed clicks per
-  item; ``P:{s:k}:co:<item>`` decayed co-clicks of an item; ``P:{s:k}:stats`` counters.
+  ``P:{s:k}:m`` hash of watermarks ``w:<source>``, the last batch begun ``b:<source>``, decay
+  references and the scenes it tracks; ``P:{s:k}:pop`` and ``P:{s:k}:pop:<scene>`` decayed
+  popularity; ``P:{s:k}:n`` decayed clicks per item; ``P:{s:k}:co:<item>`` and ``P:{s:k}:tr:<item>``
+  decayed co-clicks and steps of an item; ``P:{s:k}:stats`` counters.
+- ``P:{model}:w``: the ranker's learned sums and a watermark per source.
 - Catalog: ``P:{cat}:no`` catalog numbers, ``P:{cat}:m`` next number and indexed positions,
   ``P:{cat}:new`` newest items, ``P:{cat}:cats`` categories.
 
@@ -16,6 +18,7 @@ its users' records and the shards its clicks fall in.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import struct
@@ -500,6 +503,28 @@ class RedisProfileStore(ProfileStore):
         rows = await self._pipeline(lambda pipe: [pipe.hget(self.shard_key(self._shard(src), "m"), "w:" + src)
                                                   for src in sources])
         return {src: int(v) if v is not None else -1 for src, v in zip(sources, rows, strict=True)}
+
+    async def begin(self, batch: dict[str, int]) -> dict[str, int]:
+        if not batch:
+            return {}
+        noted = json.dumps(batch, sort_keys=True, separators=(",", ":"))
+
+        def build(pipe) -> None:
+            for src in batch:
+                pipe.hset(self.shard_key(self._shard(src), "m"), "b:" + src, noted)
+                pipe.hget(self.shard_key(self._shard(src), "m"), "w:" + src)
+
+        rows = await self._pipeline(build)
+        return {src: int(v) if v is not None else -1 for src, v in zip(batch, rows[1::2], strict=True)}
+
+    async def positions(self, sources: Sequence[str]) -> dict[str, tuple[int, dict[str, int]]]:
+        sources = list(dict.fromkeys(sources))
+        if not sources:
+            return {}
+        rows = await self._pipeline(lambda pipe: [pipe.hmget(self.shard_key(self._shard(src), "m"),
+                                                             ["w:" + src, "b:" + src]) for src in sources])
+        return {src: (int(w) if w is not None else -1, json.loads(b) if b is not None else {})
+                for src, (w, b) in zip(sources, rows, strict=True)}
 
     async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
         ids = list(dict.fromkeys(item_ids))

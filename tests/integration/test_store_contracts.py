@@ -199,6 +199,20 @@ def test_popular_merges_the_shards_exactly_and_published_tells_what_was_applied(
     run(url, go)
 
 
+def test_a_begun_batch_is_known_until_its_stats_are_applied(url):
+    async def go(store):
+        assert await store.positions(["events:0"]) == {"events:0": (-1, {})}
+        batch = {"events:0": 4, "events:1": 2}
+        assert await store.begin(batch) == {"events:0": -1, "events:1": -1}
+        assert await store.positions(["events:1", "events:0"]) == {"events:1": (-1, batch), "events:0": (-1, batch)}
+        fx = Effects()
+        for off in range(5):
+            fx.count("events:0", off, "events_in")
+        await store.apply(fx)
+        assert await store.positions(["events:0"]) == {"events:0": (4, batch)}  # done: no longer ahead
+    run(url, go)
+
+
 def test_popularity_decays_with_event_time_and_survives_rescaling(url):
     async def go(store):
         await store.apply(clicks(*[(n, "old", []) for n in range(4)]))

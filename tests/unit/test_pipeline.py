@@ -345,6 +345,30 @@ def test_a_batch_stopped_before_its_writes_runs_again_with_the_same_lists_unmark
     assert asyncio.run(pipeline.profiles.stats())["events_applied"] == 3
 
 
+def test_a_batch_stopped_before_its_effects_is_taken_again_as_it_was(pipeline):
+    """Lists see the ranker's weights and the per-item state as they were before their batch, so a
+    batch taken again must be the same batch, even when more events are held this time."""
+    jazz = items_of("jazz")
+    first_part = msgs([click(f"a{i}", f"u{i % 3}", jazz[i % 4]) for i in range(6)])
+    rest = msgs([click(f"b{i}", f"u{i % 3}", jazz[(i + 1) % 4]) for i in range(6)])
+    assert asyncio.run(pipeline.next_batch(first_part, 6)) == list(range(6))
+    first = asyncio.run(pipeline.process_events(first_part))  # published, then the worker died
+    pipeline.lose_positions()  # a new worker
+    held = first_part[:4]  # only part of the batch is fetched yet
+    assert asyncio.run(pipeline.next_batch(held, 100)) is None  # wait for the rest of it
+    assert asyncio.run(pipeline.next_batch(held, 100, force=True)) == [0, 1, 2, 3]  # or go without it
+    pipeline.lose_positions()
+    held = first_part + rest
+    take = asyncio.run(pipeline.next_batch(held, 100))
+    assert take == list(range(6))
+    again = run_events(pipeline, [held[i] for i in take])
+    assert [r["items"] for r in recs(again)] == [r["items"] for r in recs(first)]
+    assert not any(r["duplicate"] for r in recs(again))
+    # the rest continues where this worker left off: it is not looked up again
+    assert asyncio.run(pipeline.next_batch(rest, 100)) == list(range(6))
+    assert asyncio.run(pipeline.profiles.stats())["events_applied"] == 6
+
+
 def test_a_batch_stopped_between_its_effects_and_its_profiles_applies_each_once(pipeline):
     jazz = items_of("jazz")
     batch = msgs([click("e1", "u", jazz[0]), click("e2", "u", jazz[1])])
