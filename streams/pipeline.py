@@ -157,11 +157,11 @@ class _Titles(Mapping[str, str]):
 
     __slots__ = ("strongest", "known")
 
-    def __init__(self, strongest: dict[str, tuple[float, str]], known: dict[str, Candidate]) -> None:
-        self.strongest, self.known = strongest, known
+    def __init__(self, strongest: dict[str, str], known: dict[str, Candidate]) -> None:
+        self.strongest, self.known = strongest, known  # item id -> the click (item id) giving most
 
     def __getitem__(self, y: str) -> str:
-        x = self.strongest[y][1]
+        x = self.strongest[y]
         return self.known[x].title or x if x in self.known else x
 
     def __contains__(self, y: object) -> bool:
@@ -677,30 +677,47 @@ class Pipeline:
         read = self.profiles.cooccurring if co else self.profiles.transitions
         partners = await read(all_sources, p.cooccur_fanout if co else p.transition_fanout)
         known = await self.fetch_items([*all_sources, *(y for ys in partners.values() for y, _ in ys)])
-        usable = {x: [(y, score, known[y].no) for y, score in ys if y in known] for x, ys in partners.items()}
+        # per source: its partners' ids, catalog numbers and scores, as arrays
+        table: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+        for x, ys in partners.items():
+            rows = [(y, score, known[y].no) for y, score in ys if y in known]
+            table[x] = ([y for y, _, _ in rows], np.array([n for _, _, n in rows], dtype=np.int64),
+                        np.array([score for _, score, _ in rows], dtype=np.float64))
         for i, xs in sources.items():
             a = answers[i]
+            parts = [(pos, table[x]) for pos, x in enumerate(xs) if x in table and len(table[x][0])]
+            if not parts:
+                continue
+            ids_ = [y for _, (ys, _, _) in parts for y in ys]
+            nos = np.concatenate([t[1] for _, t in parts])
+            vals = np.concatenate([t[2] * (1.0 if co else 1.0 / (pos + 1)) for pos, t in parts])
+            src = np.repeat([pos for pos, _ in parts], [len(t[0]) for _, t in parts])
+            uniq, first, inv = np.unique(nos, return_index=True, return_inverse=True)
+            sums = np.bincount(inv, weights=vals, minlength=len(uniq))  # in input order, as a loop adds
+            # the source giving most (the first of equals): per item, the first of its rows by -value
+            order = np.lexsort((-vals, inv))
+            heads = order[np.r_[0, np.flatnonzero(np.diff(inv[order])) + 1]]
             seen = a.profile.seen.all if isinstance(a.profile.seen, _SeenView) else a.profile.seen
             exclude = a.exclude
-            total: dict[str, float] = {}
-            strongest: dict[str, tuple[float, str]] = {}
-            for pos, x in enumerate(xs, 1):
-                scale = 1.0 if co else 1.0 / pos
-                for y, score, no in usable.get(x, ()):
-                    if no in seen or y in exclude:
-                        continue
-                    v = scale * score
-                    total[y] = total.get(y, 0.0) + v
-                    if v > strongest.get(y, (0.0, ""))[0]:
-                        strongest[y] = (v, x)
-            if not total:
+            keep = np.array([j for j, n in enumerate(uniq.tolist()) if n not in seen
+                             and (not exclude or ids_[first[j]] not in exclude)], dtype=np.intp)
+            if not len(keep):
                 continue
-            titles = _Titles(strongest, known)
+            # items in the order they first appear, as a loop over the sources meets them
+            keep = keep[np.argsort(first[keep], kind="stable")]
+            keys = [ids_[f] for f in first[keep].tolist()]
+            kept = sums[keep]
+            total = dict(zip(keys, kept.tolist()))
+            titles = _Titles(dict(zip(keys, [xs[x] for x in src[heads[keep]].tolist()])), known)
             if co:
                 signals[i].cooccur, signals[i].cooccur_from = total, titles
             else:
                 signals[i].transitions, signals[i].transitions_from = total, titles
-            best = sorted(total, key=lambda y: (-total[y], y))[: a.k * p.oversample]
+            n = a.k * p.oversample
+            if len(keep) > n:  # only items at or above the n-th largest sum can be among the best n
+                floor = np.partition(kept, len(kept) - n)[len(kept) - n]
+                keys = [keys[j] for j in np.flatnonzero(kept >= floor).tolist()]
+            best = sorted(keys, key=lambda y: (-total[y], y))[:n]
             vector = a.vector
             results[i] = results.get(i, []) + [
                 Candidate(y, float(np.dot(vector, known[y].vector)), *_attrs(known[y]))
