@@ -98,12 +98,18 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
             t1 = time.perf_counter()
             await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log)
             t2 = time.perf_counter()
+            if name == "events":
+                metrics.add("process", t1 - t0)
+                metrics.add("publish", t2 - t1)
             try:
                 await retry_forever(lambda out=out: pipeline.commit(out), backoff, what=f"{name} commit",
                                     log=log, is_transient=no_conflict)
                 break
             except ConflictError as exc:
                 log.info("%s batch: %s; processing it again", name, exc)
+        if name == "events":
+            metrics.add("commit", time.perf_counter() - t2)
+            metrics.batch(len(raw))
         log.debug("%s batch of %d: process %.1f ms, publish %.1f ms, commit %.1f ms", name, len(raw),
                   (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
 
@@ -113,6 +119,17 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         later batch wait, and events of that batch not yet held are waited for up to
         ``REDO_WAIT_S``."""
         async def agent(stream: faust.StreamT) -> None:
+            agents[name] = "running"
+            try:
+                await batches(stream)
+            except asyncio.CancelledError:
+                agents[name] = "stopped"
+                raise
+            except BaseException as exc:
+                agents[name] = f"crashed: {exc!r}"
+                raise
+
+        async def batches(stream: faust.StreamT) -> None:
             held: list = []
             waiting_since: Optional[float] = None
             async for batch in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
@@ -138,6 +155,19 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         return agent
 
     if pipeline is not None:
+        metrics = pipeline.metrics
+        agents: dict[str, str] = {}
+
+        if settings.metrics_port:
+            @app.task
+            async def serve_metrics() -> None:
+                from streams.metrics import serve
+
+                def health() -> dict:
+                    return {"ok": bool(agents) and all(v == "running" for v in agents.values()), "agents": dict(agents)}
+
+                await serve(metrics, settings.metrics_host, settings.metrics_port, health)
+
         app.agent(catalog, name="catalog", concurrency=1)(consume("catalog", pipeline.process_catalog))
         app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events, again=True))
         app.agent(requests, name="requests", concurrency=1)(consume("requests", pipeline.process_requests))

@@ -39,6 +39,7 @@ from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, 
                      RecommendationRequest, RecommendedItem, Recommendations, parse_catalog, parse_event,
                      parse_request)
 from schemas.validate import to_wire
+from streams.metrics import Metrics, Timed
 from streams.stores import codec
 from streams.stores.items import ItemIndex, ItemRow
 from streams.stores.profiles import ClickEffect, ConflictError, Effects, ProfileStore, Write
@@ -208,13 +209,19 @@ class Pipeline:
         clock: wall clock for produced times and the future-timestamp check.
         catalog_caught_up: says whether the catalog is indexed up to its end; a click on an
             unknown item is dead-lettered only then (``None``: always).
+        metrics: where the time of each stage adds up (``streams.metrics``).
     """
 
     def __init__(self, profiles: ProfileStore, items: ItemIndex, encoder: Any, params: ModelParams,
                  limits: Limits, k: int = 10, item_cache: Optional[ItemCache] = None,
                  executor: Optional[Executor] = None, clock: Callable[[], float] = time.time,
-                 catalog_caught_up: Optional[Callable[[], Awaitable[bool]]] = None) -> None:
-        self.profiles, self.items, self.encoder = profiles, items, encoder
+                 catalog_caught_up: Optional[Callable[[], Awaitable[bool]]] = None,
+                 metrics: Optional[Metrics] = None) -> None:
+        self.metrics = metrics or Metrics()
+        # every store and encoder call counts in its stage's time (streams.metrics)
+        self.profiles = Timed(profiles, self.metrics, "redis")
+        self.items = Timed(items, self.metrics, "milvus")
+        self.encoder = Timed(encoder, self.metrics, "encoder")
         self.params, self.limits, self.k = params, limits, k
         self.cache = item_cache or ItemCache(50_000, 60.0)
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="streamrec-io")
@@ -275,13 +282,14 @@ class Pipeline:
         out = Output()
         now = self.clock()
         events: list[tuple[RawMessage, Click | Query | ForgetUser]] = []
-        for m in batch:
-            out.count(m, "events_in")
-            try:
-                events.append((m, parse_event(m.value, self.limits, now)))
-            except InvalidMessage as exc:
-                out.dead_letters.append(self.dead_letter(m, exc.error, exc.reason))
-                out.count(m, "dead_letters")
+        with self.metrics.stage("parse"):
+            for m in batch:
+                out.count(m, "events_in")
+                try:
+                    events.append((m, parse_event(m.value, self.limits, now)))
+                except InvalidMessage as exc:
+                    out.dead_letters.append(self.dead_letter(m, exc.error, exc.reason))
+                    out.count(m, "dead_letters")
 
         items = await self.fetch_items([e.item_id for _, e in events if isinstance(e, Click)])
         unknown = [e.item_id for _, e in events if isinstance(e, Click) and e.item_id not in items]
@@ -639,8 +647,9 @@ class Pipeline:
                     extra = [c for c in popular if c.no not in a.profile.seen and c.item_id not in a.exclude]
                     candidates = candidates + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
                                                for c in extra[: a.k * p.oversample]]
-                ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
-                              only_categories=a.only_categories, signals=signals[i], weights=weights)
+                with self.metrics.stage("ranking"):
+                    ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
+                                  only_categories=a.only_categories, signals=signals[i], weights=weights)
                 a.impression = ranked.impression
             if len(ranked) < a.k:
                 if newest is None:

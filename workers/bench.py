@@ -16,7 +16,7 @@ from workers import demo_data
 from workers.demo import percentiles
 from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat, worker_on_stack
 from workers.settings import Settings
-from workers.stack import Stack
+from workers.stack import Stack, free_port
 
 
 def _say(msg: str) -> None:
@@ -55,16 +55,24 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
     qevs = [e for e in qevs if e["type"] == "query"]
     for n, e in enumerate(qevs):
         e["event_id"] = f"q-{n:06d}"
+    settings = settings.model_copy(update={"metrics_port": settings.metrics_port or free_port()})
     with Stack(base) as stack, worker_on_stack(settings, stack, base, "bench") as (s, log, worker, r):
         _say(f"indexing {len(catalog)} items")
         t0 = time.time()
         log.publish(s.topic_catalog, [(*encode_line(it), None) for it in catalog])
         wait_stat(r, s.key_prefix, "items_upserted", len(catalog), 600, worker)
         _say(f"catalog ready after {time.time() - t0:.1f} s (worker start included)")
+        scrape = _scraper(s)
+        _say("one event at a time, on an idle worker")
+        isolated = _isolated(log, s, worker, evs[-20:])
         _say(f"click-only stream: {len(evs)} events from {users} users")
+        before = scrape()
         clicks = _stream(log, s, evs, worker)
+        clicks["stages_ms_per_event"] = _stages(before, scrape(after=before, events=len(evs)))
         _say(f"query-only stream: {len(qevs)} events")
+        before = scrape()
         queries = _stream(log, s, qevs, worker)
+        queries["stages_ms_per_event"] = _stages(before, scrape(after=before, events=len(qevs)))
         paced_rate = round(clicks["events_per_s"] / 2)
         _say(f"click stream paced at half that throughput ({paced_rate} events/s)")
         repeat = [{**e, "event_id": "p-" + e["event_id"]} for e in evs[: max(1, len(evs) // 4)]]
@@ -80,6 +88,9 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         "click_stream": clicks,
         "query_stream": queries,
         "paced_click_stream": paced,
+        "isolated_event": isolated,
+        "stages": {"click_stream": clicks.pop("stages_ms_per_event"),
+                   "query_stream": queries.pop("stages_ms_per_event")},
         "limits": limits,
         "redis_bytes_per_user": memory,
         "ratios": {
@@ -87,9 +98,60 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
             "click_eps_over_redis_updates_per_s": round(clicks["events_per_s"] / limits["redis_profile_updates_per_s"], 3),
             "query_eps_over_encoder_texts_per_s": round(queries["events_per_s"] / limits["encoder_texts_per_s"], 3),
             "query_eps_over_milvus_queries_per_s": round(queries["events_per_s"] / limits["milvus_searches_per_s"], 3),
+            "click_eps_over_min_limit": round(clicks["events_per_s"] / min(limits["milvus_searches_per_s"],
+                                                                           limits["redis_profile_updates_per_s"]), 3),
+            "paced_p99_over_isolated_p50": round(paced["latency_ms"]["p99"] / isolated["latency_ms"]["p50"], 2),
         },
         "batch": {"encoder_batch_size": s.encoder_batch_size, "search_batch": 64, "batch_max": s.batch_max},
     }
+    return out
+
+
+def _isolated(log, s: Settings, worker: WorkerProcess, events: list[dict]) -> dict:
+    """Latency of single events, each sent after the previous one's list is out (an idle worker)."""
+    lat = []
+    for n, ev in enumerate(events):
+        one = {**ev, "event_id": f"iso-{n}-{ev['event_id']}"}
+        lat.append(_stream(log, s, [one], worker)["latency_ms"]["p50"])
+    return {"events": len(events), "sent": "one at a time, each after the previous list",
+            "latency_ms": percentiles(lat)}
+
+
+def _scraper(s: Settings):
+    """Reads the worker's ``/metrics``."""
+    import urllib.request
+
+    from streams.metrics import parse_metrics
+
+    url = f"http://127.0.0.1:{s.metrics_port}/metrics"
+
+    def scrape(after: Optional[dict[str, float]] = None, events: int = 0, timeout_s: float = 60.0) -> dict[str, float]:
+        """The metrics now; with ``after``, once ``events`` more are counted (a batch counts once
+        written, just after its lists are out)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                got = parse_metrics(resp.read().decode())
+            key = "streamrec_events_total"
+            if after is None or got[key] - after[key] >= events or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+    return scrape
+
+
+def _stages(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Milliseconds per event in each stage between two scrapes (``streams.metrics``); ``other`` is
+    the batch compute that no store, encoder, parse or ranking call took (the pipeline's own Python)."""
+    from streams.metrics import STAGES
+
+    events = after["streamrec_events_total"] - before["streamrec_events_total"]
+    ms = {st: 1e3 * (after[f'streamrec_stage_seconds_total{{stage="{st}"}}'] -
+                     before[f'streamrec_stage_seconds_total{{stage="{st}"}}']) / max(events, 1) for st in STAGES}
+    # process holds parse, milvus, encoder, ranking and the Redis reads; commit holds the Redis writes
+    reads = ms["redis"] - ms["commit"]
+    ms["other"] = max(0.0, ms["process"] - ms["parse"] - reads - ms["milvus"] - ms["encoder"] - ms["ranking"])
+    out = {st: round(v, 3) for st, v in ms.items()}
+    out["events"] = int(events)
     return out
 
 
@@ -124,17 +186,22 @@ def _bytes_per_user(log, s: Settings, worker: WorkerProcess, r, catalog: list[di
 
 
 async def _limits(s: Settings, catalog: list[dict]) -> dict:
-    from models.encoder import TextEncoder
     from models.profile import Profile, apply_click
     from streams.stores import Write, open_item_index, open_profile_store
 
-    enc = TextEncoder(s.encoder_model, s.encoder_device, s.encoder_max_length, s.encoder_batch_size,
-                      s.encoder_threads)
     texts = [q for c in demo_data.CATEGORIES for q in demo_data.query_texts(c)] * 16
-    enc.encode(texts[:16])
-    t = time.perf_counter()
-    vecs = enc.encode(texts)
-    encoder_tps = len(texts) / (time.perf_counter() - t)
+    used = s.open_encoder()
+    backends = {}  # texts/s of each backend, side by side
+    for backend in ("torch", "onnx", "onnx-int8"):
+        enc = used if backend == used.backend else s.model_copy(update={"encoder_backend": backend}).open_encoder()
+        enc.encode(texts[:16])
+        t = time.perf_counter()
+        vecs = enc.encode(texts)
+        backends[backend] = round(len(texts) / (time.perf_counter() - t), 1)
+        del enc
+    encoder_tps = backends[used.backend]
+    vecs = used.encode(texts)
+    enc = used
 
     index = open_item_index(s.milvus_uri, enc.dim, s.milvus_collection, s.milvus_token.get_secret_value(),
                             s.milvus_consistency, s.milvus_index_type, s.milvus_flush_writes)
@@ -157,7 +224,8 @@ async def _limits(s: Settings, catalog: list[dict]) -> dict:
         await store.commit([Write(p, p.version) for p in profiles[start:start + 32]])
     redis_ups = n / (time.perf_counter() - t)
     await store.close()
-    return {"encoder_texts_per_s": round(encoder_tps, 1), "milvus_searches_per_s": round(milvus_qps, 1),
+    return {"encoder_texts_per_s": round(encoder_tps, 1), "encoder_backend": used.backend,
+            "encoder_texts_per_s_by_backend": backends, "milvus_searches_per_s": round(milvus_qps, 1),
             "redis_profile_updates_per_s": round(redis_ups, 1), "encoder_threads": int(_threads()),
             "milvus_search_limit": limit}
 

@@ -53,6 +53,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.stores.items import EncoderMismatch
     from workers.preflight import ServiceError
     from workers.worker import run_worker
 
@@ -64,6 +65,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ServiceError as exc:
         print(f"streamrec worker: {settings.scrub(str(exc))}", file=sys.stderr, flush=True)
         return 1
+    except EncoderMismatch as exc:
+        print(f"streamrec worker: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -292,11 +292,9 @@ def run_ablations(s: Settings, dataset: Dataset, events: list[dict], opts: EvalO
     the lists by event id of each run, named ``ablation:all`` and ``ablation:-<signal>``."""
     from dataclasses import replace
 
-    from models.encoder import TextEncoder
     from workers.simulate import CachedEncoder, simulate
 
-    encoder = CachedEncoder(encoder or TextEncoder(s.encoder_model, s.encoder_device, s.encoder_max_length,
-                                                   s.encoder_batch_size, s.encoder_threads))
+    encoder = CachedEncoder(encoder or s.open_encoder())
     out = {}
     for name in ("all", *opts.ablate):
         off = ",".join(x for x in (s.model.signals_off, "" if name == "all" else name) if x)

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
 
     # Encoder
     encoder_model: str = Field("", description="local transformers model path; empty: the packaged all-MiniLM-L6-v2")
+    encoder_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="auto: torch on a CUDA device, else ONNX Runtime fp32 (the same vectors, faster on "
+        "CPUs: `streamrec bench`); onnx-int8 is another encoder (its own vectors and collection)")
+    encoder_cache_dir: str = Field("", description="where ONNX graphs exported from the model are kept; empty: "
+                                   "$XDG_CACHE_HOME/streamrec/encoders (~/.cache/streamrec/encoders)")
     encoder_device: str = Field("auto", description="auto, cpu or cuda")
     encoder_max_length: int = Field(128, ge=8, le=512)
     encoder_batch_size: int = Field(64, ge=1)
@@ -92,9 +97,24 @@ class Settings(BaseSettings):
                                 "redelivered events (it holds no personal data)")
     redis_wait_replicas: int = Field(0, ge=0, description="each batch's Redis writes wait for this many replicas "
                                      "(WAIT) before it is acked; 1 on a cluster with replicas survives a failover")
+    metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics (Prometheus text: time per stage, "
+                              "batches, events) and /health on this port; 0: off")
+    metrics_host: str = Field("127.0.0.1", description="address /metrics and /health listen on")
     startup_timeout_s: float = Field(
         30.0, ge=0, description="how long a starting worker waits for an unreachable Kafka, Redis or Milvus; "
         "rejected credentials fail at once")
+
+    def open_encoder(self):
+        """The encoder these settings name, loaded (``models.encoder.open_encoder``)."""
+        import os
+        from pathlib import Path
+
+        from models.encoder import open_encoder
+
+        cache = self.encoder_cache_dir or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                              / "streamrec" / "encoders")
+        return open_encoder(self.encoder_backend, self.encoder_model, self.encoder_device, self.encoder_max_length,
+                            self.encoder_batch_size, self.encoder_threads, cache)
 
     def store_options(self):
         """The profile store's tunables."""

@@ -14,17 +14,17 @@ log = logging.getLogger("streamrec.worker")
 
 def build_pipeline(settings: Settings):
     """The encoder, the stores and the pipeline over them."""
-    from models.encoder import TextEncoder
     from streams.security import redis_options
     from streams.stores import open_item_index, open_profile_store
 
-    encoder = TextEncoder(settings.encoder_model, settings.encoder_device, settings.encoder_max_length,
-                          settings.encoder_batch_size, settings.encoder_threads)
+    encoder = settings.open_encoder()
+    log.info("encoder %s on %s (%s)", encoder.version, encoder.backend, getattr(encoder, "device", "cpu"))
     profiles = open_profile_store(settings.redis_url, settings.key_prefix, settings.store_options(),
                                   redis_options=redis_options(settings))
     items = open_item_index(settings.milvus_uri, encoder.dim, settings.milvus_collection,
                             settings.milvus_token.get_secret_value(), settings.milvus_consistency,
-                            settings.milvus_index_type, settings.milvus_flush_writes, settings.milvus_timeout_s)
+                            settings.milvus_index_type, settings.milvus_flush_writes, settings.milvus_timeout_s,
+                            encoder=encoder.version)
     from streams.catalog_gate import CatalogGate
     from streams.stores.eventlog import KafkaEventLog
 

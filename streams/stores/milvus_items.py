@@ -14,6 +14,7 @@ from streams.stores.items import ItemIndex, ItemRow
 T = TypeVar("T")
 _OUT = ["title", "category", "scenes", "vector", "available", "no"]
 MAX_SCENES = 64
+ENCODER_PROPERTY = "streamrec.encoder"  # the collection property naming the encoder of its vectors
 # pymilvus pings every 10 s even on idle connections; gRPC servers with default policies (the
 # Milvus Lite server among them) answer an idle connection's pings with GOAWAY "too_many_pings",
 # and a later client for the same URI then fails to reconnect. Ping only while calls are running.
@@ -29,13 +30,16 @@ def milvus_client(uri: str, token: str = "", timeout: float | None = None):
 
 class MilvusItemIndex(ItemIndex):
     """One collection: ``item_id`` (primary key), ``vector`` (COSINE, ``index_type``), title, category, scenes,
-    availability and timestamp. The collection is created on first use; a collection of another
-    dimension is an error (vectors of two encoders must never be mixed)."""
+    availability and timestamp. The collection is created on first use and records ``encoder`` in
+    its properties; one of another dimension or encoder is an error (vectors of two encoders must
+    never be mixed)."""
 
     def __init__(self, uri: str, dim: int, collection: str, token: str = "", consistency: str = "Strong",
-                 index_type: str = "FLAT", flush_writes: bool = True, timeout_s: float = 30.0) -> None:
+                 index_type: str = "FLAT", flush_writes: bool = True, timeout_s: float = 30.0,
+                 encoder: str = "") -> None:
         self.uri = uri
         self.dim = dim
+        self.encoder = encoder
         self.collection = collection
         self.consistency = consistency
         self.index_type = index_type
@@ -57,14 +61,23 @@ class MilvusItemIndex(ItemIndex):
 
     def _check_and_load(self) -> None:
         """Refuse a collection of another dimension (two encoders' vectors must never mix); load it."""
-        fields = {f["name"]: f for f in self.client.describe_collection(self.collection)["fields"]}
+        from streams.stores.items import EncoderMismatch
+
+        desc = self.client.describe_collection(self.collection)
+        fields = {f["name"]: f for f in desc["fields"]}
         if "no" not in fields:
             raise ValueError(f"collection {self.collection!r} was made by an older streamrec (no catalog numbers): "
                              f"index the catalog into a new collection")
         have = int(fields["vector"]["params"]["dim"])
         if have != self.dim:
-            raise ValueError(f"collection {self.collection!r} holds {have}-dim vectors, the encoder makes "
-                             f"{self.dim}: use another collection for another encoder")
+            raise EncoderMismatch(f"collection {self.collection!r} holds {have}-dim vectors, the encoder makes "
+                                  f"{self.dim}: use another collection for another encoder")
+        made_by = str((desc.get("properties") or {}).get(ENCODER_PROPERTY) or "")
+        if self.encoder and made_by and made_by != self.encoder:
+            raise EncoderMismatch(f"collection {self.collection!r} holds vectors of encoder {made_by!r}, this "
+                                  f"worker's is {self.encoder!r}: set STREAMREC_ENCODER_BACKEND (and "
+                                  f"STREAMREC_ENCODER_MODEL) to that encoder, or STREAMREC_MILVUS_COLLECTION "
+                                  f"to another collection and index the catalog there")
         self.client.load_collection(self.collection, timeout=self.timeout)
 
     def _create(self) -> None:
@@ -83,7 +96,8 @@ class MilvusItemIndex(ItemIndex):
         schema.add_field("no", DataType.INT64)
         index = c.prepare_index_params()
         index.add_index(field_name="vector", index_type=self.index_type, metric_type="COSINE")
-        c.create_collection(self.collection, schema=schema, index_params=index, consistency_level=self.consistency)
+        c.create_collection(self.collection, schema=schema, index_params=index, consistency_level=self.consistency,
+                            properties={ENCODER_PROPERTY: self.encoder} if self.encoder else None)
 
     def _read(self, call: Callable[[], T]) -> T:
         """Run a read; a collection found released (a restarted Milvus loads nothing by itself) is

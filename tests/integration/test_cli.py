@@ -104,3 +104,14 @@ def test_bench_reports_streams_and_limits(tmp_path):
     for part in ("encoder_texts_per_s", "milvus_searches_per_s", "redis_profile_updates_per_s"):
         assert r["limits"][part] > 0
     assert set(r["ratios"]) and all(v > 0 for v in r["ratios"].values())
+    assert r["isolated_event"]["events"] > 0 and r["isolated_event"]["latency_ms"]["p50"] > 0
+    assert set(r["limits"]["encoder_texts_per_s_by_backend"]) == {"torch", "onnx", "onnx-int8"}
+    import torch
+
+    assert r["limits"]["encoder_backend"] == ("torch" if torch.cuda.is_available() else "onnx")  # auto
+    for stream in ("click_stream", "query_stream"):
+        st = r["stages"][stream]
+        assert st["events"] >= r[stream]["events"]  # the worker counted every event of the stream
+        assert st["process"] > 0 and st["publish"] > 0 and st["redis"] > 0 and st["parse"] > 0
+        assert st["process"] >= st["parse"] + st["ranking"]
+    assert r["stages"]["query_stream"]["encoder"] > 0 and r["stages"]["click_stream"]["milvus"] > 0

@@ -14,6 +14,7 @@ import pytest
 from models.params import ModelParams
 from models.profile import Applied, Profile, apply_click, apply_query
 from streams.stores import ClickEffect, Effects, ItemRow, StoreOptions, Write, open_item_index, open_profile_store
+from streams.stores.items import EncoderMismatch
 from workers.stack import free_port, port_open, redis_server_bin, wait_for
 
 DIM = 8
@@ -325,4 +326,22 @@ def test_milvus_index_loads_a_released_collection_again(stack):
             assert read() in ("i1", ["i1"], 4)
     finally:
         other.close()
+        ix.close()
+
+
+@pytest.mark.integration
+def test_milvus_collection_records_its_encoder_and_refuses_another(stack):
+    """An index is never searched with vectors of another encoder than the one that built it."""
+    name = f"c_{uuid.uuid4().hex[:8]}"
+    ix = open_item_index(stack.milvus_uri, DIM, name, encoder="minilm:8:128")
+    try:
+        ix.upsert([ItemRow("i1", unit(1), "T1", "a", (), True, 1.0, 1)])
+        again = open_item_index(stack.milvus_uri, DIM, name, encoder="minilm:8:128")  # the same encoder: fine
+        again.close()
+        with pytest.raises(EncoderMismatch, match="holds vectors of encoder 'minilm:8:128', this worker's is "
+                                                  "'minilm\\+int8:8:128'"):
+            open_item_index(stack.milvus_uri, DIM, name, encoder="minilm+int8:8:128")
+        with pytest.raises(EncoderMismatch, match="holds 8-dim vectors, the encoder makes 16"):
+            open_item_index(stack.milvus_uri, 16, name, encoder="other:16:128")
+    finally:
         ix.close()

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from models.encoder import TextEncoder, default_model_path
+from models.encoder import OnnxEncoder, TextEncoder, default_model_path, open_encoder
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,49 @@ def test_cuda_vectors_match_cpu(tiny_model):
     gpu_enc = TextEncoder(tiny_model, device="auto")
     assert gpu_enc.device == "cuda"
     assert np.allclose(gpu_enc.encode(texts), cpu, atol=1e-3)
+
+
+# -- the ONNX Runtime backend -----------------------------------------------------------------------
+
+TEXTS = ["creamy mushroom risotto recipe", "how to cook italian pasta", "premier league football match",
+         "Toy Story (1995). Adventure, Animation, Children, Comedy, Fantasy", "x", "",
+         "a much longer sentence that needs more padding than the others in its batch, " * 6]
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("encoders")
+
+
+@pytest.mark.slow
+def test_onnx_fp32_makes_the_torch_vectors_and_shares_their_version(onnx_cache):
+    torch_enc = TextEncoder(device="cpu", batch_size=3)
+    onnx_enc = OnnxEncoder(cache_dir=onnx_cache, batch_size=3)
+    a, b = torch_enc.encode(TEXTS), onnx_enc.encode(TEXTS)
+    assert b.shape == a.shape == (len(TEXTS), 384) and b.dtype == np.float32
+    cosines = (a * b).sum(1)
+    assert cosines.min() >= 0.999, cosines
+    assert onnx_enc.version == torch_enc.version and onnx_enc.backend == "onnx"
+    assert np.allclose(np.concatenate([onnx_enc.encode([t]) for t in TEXTS]), b, atol=1e-5)  # batch-independent
+    assert onnx_enc.encode([]).shape == (0, 384)
+
+
+@pytest.mark.slow
+def test_onnx_int8_is_another_encoder_close_to_fp32(onnx_cache):
+    fp32 = OnnxEncoder(cache_dir=onnx_cache)
+    int8 = OnnxEncoder(cache_dir=onnx_cache, quantized=True)
+    assert int8.version != fp32.version and int8.backend == "onnx-int8"
+    a, b = fp32.encode(TEXTS), int8.encode(TEXTS)
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-4)
+    assert (a * b).sum(1).min() > 0.8  # close, but not the same space: never mixed with fp32's
+    assert int8.path.stat().st_size < fp32.path.stat().st_size / 2
+    # exported once: a second encoder reuses the cached graphs
+    assert sorted(p.name for p in onnx_cache.iterdir()) == sorted([fp32.path.name, int8.path.name])
+
+
+def test_auto_picks_onnx_on_the_cpu_and_unknown_backends_are_refused(tmp_path, tiny_model):
+    enc = open_encoder("auto", tiny_model, device="cpu", cache_dir=tmp_path)
+    assert isinstance(enc, OnnxEncoder) and enc.dim == 32
+    assert isinstance(open_encoder("torch", tiny_model, device="cpu"), TextEncoder)
+    with pytest.raises(ValueError, match="unknown encoder backend 'tensorrt'"):
+        open_encoder("tensorrt", tiny_model)
