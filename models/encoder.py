@@ -4,11 +4,12 @@ by ONNX Runtime (the same model's graph, exported once and cached; fp32 or int8)
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -164,6 +165,38 @@ def export_onnx(model_path: str, cache_dir: str | Path, quantized: bool = False)
     return out
 
 
+def _tokenizer(model_path: str, max_length: int) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """The model's tokenizer as a function of a batch: its fast tokenizer (``tokenizer.json``) run by
+    ``tokenizers`` (no transformers import: a worker starts seconds sooner), else transformers'.
+    Both pad to the batch's longest text and truncate to ``max_length`` tokens, specials included."""
+    path = Path(model_path)
+    if not (path / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+
+        def slow(texts: list[str]) -> dict[str, np.ndarray]:
+            out = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+            return {k: v.astype(np.int64) for k, v in out.items()}
+        return slow
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_file(str(path / "tokenizer.json"))
+    pad = "[PAD]"
+    if (path / "special_tokens_map.json").exists():
+        named = json.loads((path / "special_tokens_map.json").read_text()).get("pad_token") or pad
+        pad = named["content"] if isinstance(named, dict) else named
+    fast.enable_truncation(max_length)
+    fast.enable_padding(pad_id=fast.token_to_id(pad) or 0, pad_token=pad)
+
+    def run(texts: list[str]) -> dict[str, np.ndarray]:
+        encs = fast.encode_batch(texts)
+        return {"input_ids": np.array([e.ids for e in encs], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
+                "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64)}
+    return run
+
+
 class OnnxEncoder:
     """The same encoder run by ONNX Runtime on the CPU: ``encode``, ``dim`` and ``version`` as
     :class:`TextEncoder`. The fp32 graph makes the torch backend's vectors (cosine >= 0.999, so
@@ -181,13 +214,12 @@ class OnnxEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import onnxruntime as ort
-        from transformers import AutoConfig, AutoTokenizer
 
         self.model_path = model_path or default_model_path()
         self.max_length, self.batch_size = max_length, batch_size
         self.name = _model_name(self.model_path)
         self.backend = "onnx-int8" if quantized else "onnx"
-        self.dim = int(AutoConfig.from_pretrained(self.model_path, local_files_only=True).hidden_size)
+        self.dim = int(json.loads((Path(self.model_path) / "config.json").read_text())["hidden_size"])
         self.device = "cpu"
         self.path = export_onnx(self.model_path, cache_dir, quantized)
         options = ort.SessionOptions()
@@ -195,7 +227,7 @@ class OnnxEncoder:
         options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self._session.get_inputs()}
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        self._tokenizer = _tokenizer(self.model_path, max_length)
         self._lock = threading.Lock()
 
     @property
@@ -211,9 +243,7 @@ class OnnxEncoder:
         with self._lock:
             for start in range(0, len(texts), self.batch_size):
                 chunk = list(texts[start:start + self.batch_size])
-                batch = self._tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                        return_tensors="np")
-                feed = {k: v.astype(np.int64) for k, v in batch.items() if k in self._inputs}
+                feed = {k: v for k, v in self._tokenizer(chunk).items() if k in self._inputs}
                 if "token_type_ids" in self._inputs and "token_type_ids" not in feed:
                     feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
                 out.append(self._session.run(None, feed)[0])
@@ -230,8 +260,8 @@ def open_encoder(backend: str = "auto", model_path: str = "", device: str = "aut
     if backend == "auto":
         if device == "cuda":
             backend = "torch"
-        elif device == "cpu":
-            backend = "onnx"
+        elif device == "cpu" or not any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidiactl")):
+            backend = "onnx"  # no NVIDIA driver: no need to import torch to know
         else:
             import torch
 
