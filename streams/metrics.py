@@ -13,7 +13,6 @@ import functools
 import inspect
 import json
 import logging
-import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -24,20 +23,29 @@ STAGES = ("parse", "redis", "milvus", "encoder", "ranking", "process", "publish"
 
 
 class Metrics:
-    """Seconds and calls per stage, and counters (thread-safe: stages run in executor threads too)."""
+    """The worker's metrics in their own ``prometheus_client`` registry: a latency histogram per
+    stage (``streamrec_stage_seconds``), batches and events done, and the last batch's time."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seconds = {s: 0.0 for s in STAGES}
-        self.calls = {s: 0 for s in STAGES}
-        self.counters: dict[str, float] = {"batches": 0, "events": 0}
-        self.last_batch_time: Optional[float] = None
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self._stages = Histogram("streamrec_stage_seconds", "Wall time of each call of a stage of the hot path.",
+                                 ["stage"], registry=self.registry, buckets=self.BUCKETS)
+        self._batches = Counter("streamrec_batches", "Micro-batches of events done (published and written).",
+                                registry=self.registry)
+        self._events = Counter("streamrec_events", "Events in those batches.", registry=self.registry)
+        self._last = Gauge("streamrec_last_batch_time_seconds", "Unix time the last events batch was done.",
+                           registry=self.registry)
+        for st in STAGES:
+            self._stages.labels(st)
         self.started = time.time()
+        self.last_batch_time: Optional[float] = None
 
     def add(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-            self.calls[stage] = self.calls.get(stage, 0) + 1
+        self._stages.labels(stage).observe(seconds)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -48,38 +56,35 @@ class Metrics:
             self.add(name, time.perf_counter() - t)
 
     def batch(self, events: int) -> None:
-        with self._lock:
-            self.counters["batches"] += 1
-            self.counters["events"] += events
-            self.last_batch_time = time.time()
+        self._batches.inc()
+        self._events.inc(events)
+        self.last_batch_time = time.time()
+        self._last.set(self.last_batch_time)
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"seconds": dict(self.seconds), "calls": dict(self.calls), **dict(self.counters),
-                    "last_batch_time": self.last_batch_time, "uptime_s": time.time() - self.started}
+        """Seconds and calls per stage, batches and events (from the registry)."""
+        got = parse_metrics(self.render())
+        return {"seconds": {st: got.get(f'streamrec_stage_seconds_sum{{stage="{st}"}}', 0.0) for st in STAGES},
+                "calls": {st: int(got.get(f'streamrec_stage_seconds_count{{stage="{st}"}}', 0)) for st in STAGES},
+                "batches": int(got.get("streamrec_batches_total", 0)), "events": int(got.get("streamrec_events_total", 0)),
+                "last_batch_time": self.last_batch_time, "uptime_s": time.time() - self.started}
 
     def render(self) -> str:
         """Prometheus text exposition."""
-        snap = self.snapshot()
-        lines = ["# HELP streamrec_stage_seconds_total Wall time spent in each stage of the hot path.",
-                 "# TYPE streamrec_stage_seconds_total counter"]
-        lines += [f'streamrec_stage_seconds_total{{stage="{s}"}} {v:.6f}' for s, v in snap["seconds"].items()]
-        lines += ["# HELP streamrec_stage_calls_total Calls of each stage.", "# TYPE streamrec_stage_calls_total counter"]
-        lines += [f'streamrec_stage_calls_total{{stage="{s}"}} {v}' for s, v in snap["calls"].items()]
-        for name, help_ in (("batches", "Micro-batches of events done (published and written)."),
-                            ("events", "Events in those batches.")):
-            lines += [f"# HELP streamrec_{name}_total {help_}", f"# TYPE streamrec_{name}_total counter",
-                      f"streamrec_{name}_total {int(snap[name])}"]
-        return "\n".join(lines) + "\n"
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
 
 
 def parse_metrics(text: str) -> dict[str, float]:
     """``name{labels}`` -> value, from Prometheus text (what ``/metrics`` serves)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
     return out
 
 

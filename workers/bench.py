@@ -145,8 +145,8 @@ def _stages(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
     from streams.metrics import STAGES
 
     events = after["streamrec_events_total"] - before["streamrec_events_total"]
-    ms = {st: 1e3 * (after[f'streamrec_stage_seconds_total{{stage="{st}"}}'] -
-                     before[f'streamrec_stage_seconds_total{{stage="{st}"}}']) / max(events, 1) for st in STAGES}
+    ms = {st: 1e3 * (after[f'streamrec_stage_seconds_sum{{stage="{st}"}}'] -
+                     before[f'streamrec_stage_seconds_sum{{stage="{st}"}}']) / max(events, 1) for st in STAGES}
     # process holds parse, milvus, encoder, ranking and the Redis reads; commit holds the Redis writes
     reads = ms["redis"] - ms["commit"]
     ms["other"] = max(0.0, ms["process"] - ms["parse"] - reads - ms["milvus"] - ms["encoder"] - ms["ranking"])

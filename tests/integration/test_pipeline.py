@@ -206,3 +206,40 @@ def test_a_forgotten_user_is_deleted_gets_nothing_and_starts_afresh_on_return(ha
     p, forgotten = codec.decode("gina", r.get(key))
     assert not forgotten and p.clicks == 1 and len(p.seen) == 1 and r.pttl(key) == -1  # a new profile, from the return only
     assert [h["item_id"] for h in p.history] == [items_of("cooking")[0]]
+
+
+def test_a_running_worker_serves_metrics_and_health(stack, tmp_path):
+    """/metrics counts every event of the stream, with time in each stage; /health names the agents."""
+    import urllib.request
+
+    from streams.metrics import parse_metrics
+    from tests.integration.conftest import CATALOG, Harness
+    from workers.stack import free_port, wait_for
+
+    port = free_port()
+    h = Harness(stack, tmp_path, metrics_port=port)
+    try:
+        h.catalog(CATALOG)
+        clicks = [h.click(f"m{n % 3}", i) for n, i in enumerate(items_of("jazz")[:6])]
+        h.run(clicks + [h.query("m0", "late night jazz piano")])
+
+        def get(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        # a batch counts once written, just after its lists are out
+        wait_for(lambda: parse_metrics(get("/metrics")[1]).get("streamrec_events_total", 0) >= 7, "events counted",
+                 30, h.worker.proc, h.worker.log_path)
+        got = parse_metrics(get("/metrics")[1])
+        assert got["streamrec_events_total"] == 7 and got["streamrec_batches_total"] >= 1
+        for stage in ("parse", "redis", "milvus", "encoder", "ranking", "process", "publish", "commit"):
+            assert got[f'streamrec_stage_seconds_count{{stage="{stage}"}}'] > 0, stage
+        status, body = get("/health")
+        health = json.loads(body)
+        assert status == 200 and health["ok"], health
+        assert health["agents"] == {"catalog": "running", "events": "running", "requests": "running"}
+    finally:
+        h.close()
