@@ -39,8 +39,13 @@ class Metrics:
         self._events = Counter("streamrec_events", "Events in those batches.", registry=self.registry)
         self._last = Gauge("streamrec_last_batch_time_seconds", "Unix time the last events batch was done.",
                            registry=self.registry)
+        self.probes = Counter("streamrec_exclusion_probes", "Searches of lists with long seen sets: answered by "
+                              "a plain search (hit) or by a filtered one after it (miss).", ["outcome"],
+                              registry=self.registry)
         for st in STAGES:
             self._stages.labels(st)
+        for outcome in ("hit", "miss"):
+            self.probes.labels(outcome)
         self.started = time.time()
         self.last_batch_time: Optional[float] = None
 

@@ -49,6 +49,8 @@ log = logging.getLogger("streamrec.pipeline")
 MODEL_VERSION = "streamrec-1"
 #: Seen sets at least this large are excluded in the item index instead of over-fetched.
 EXCLUDE_IN_INDEX = 64
+#: Lists with such exclusions first try a plain search of this many times their limit.
+PROBE = 4
 
 
 @dataclass
@@ -591,10 +593,8 @@ class Pipeline:
             buckets[key] = (max(limit, -(-need // 8) * 8), idx, exclude)
         if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
             buckets, late = {}, {}
-        for (only, *_), (limit, idx, exclude) in buckets.items():
-            excluded = set().union(*exclude) if exclude else ()
-            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only,
-                                   excluded)
+        found = await self._search_buckets(answers, buckets)
+        for (limit, idx, _), hits in zip(buckets.values(), found, strict=True):
             for i, h in zip(idx, hits, strict=True):
                 seen = answers[i].profile.seen
                 results[i] = [c for c in h if c.no not in seen][: limits[i]]
@@ -666,6 +666,46 @@ class Pipeline:
                 model_version=MODEL_VERSION, encoder=self.encoder.version, event_time=a.event_time,
                 produced_time=self.clock(), scene=a.scene, cold_start=a.vector is None, duplicate=a.duplicate))
         return produced
+
+    async def _search_buckets(self, answers: Sequence[_Answer], buckets: dict[tuple, tuple[int, list[int], Any]]
+                              ) -> list[list[list[Candidate]]]:
+        """Each bucket's search: the best ``limit`` items for each of its vectors, not in its
+        exclusion sets. Buckets with exclusions (long seen sets, whose filter costs the index far
+        more than a plain search) first try one plain batched search of ``PROBE`` times the limit:
+        a bucket whose every row keeps ``limit`` items after its exclusions has exactly what the
+        filtered search would give; the others search with the filter. Separate searches run
+        concurrently."""
+        keys = list(buckets)
+        out: dict[tuple, list[list[Candidate]]] = {}
+        probes: dict[tuple, list[tuple]] = {}  # only -> keys of buckets with exclusions
+        for key in keys:
+            if buckets[key][2]:
+                probes.setdefault(key[0], []).append(key)
+
+        async def probe(only: tuple, group: list[tuple]) -> None:
+            limit = max(buckets[k][0] for k in group) * PROBE
+            rows = np.stack([answers[i].vector for k in group for i in buckets[k][1]])
+            hits = await self._run(self.items.search, rows, limit, only, ())
+            at = 0
+            for k in group:
+                lim, idx, exclude = buckets[k]
+                excluded = set().union(*exclude)
+                kept = [[c for c in h if c.no not in excluded][:lim] for h in hits[at:at + len(idx)]]
+                at += len(idx)
+                if all(len(row) == lim or len(h) < limit for row, h in zip(kept, hits[at - len(idx):at])):
+                    out[k] = kept  # every row is full, or the index has nothing more to give
+                self.metrics.probes.labels("hit" if k in out else "miss").inc()
+
+        await asyncio.gather(*(probe(only, group) for only, group in probes.items()))
+
+        async def search(key: tuple) -> None:
+            limit, idx, exclude = buckets[key]
+            excluded = set().union(*exclude) if exclude else ()
+            out[key] = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, key[0],
+                                       excluded)
+
+        await asyncio.gather(*(search(key) for key in keys if key not in out))
+        return [out[key] for key in keys]
 
     async def _behaviour_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
                                     signals: dict[int, Signals], kind: str) -> None:
