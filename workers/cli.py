@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,8 +19,13 @@ def _settings():
     values, which may be secrets)."""
     from pydantic import ValidationError
 
-    from workers.settings import Settings
+    from workers.settings import Settings, unknown_variables
 
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        print("streamrec: unknown settings in the environment (no such STREAMREC_* variable):\n"
+              + "\n".join(f"  {u}" for u in unknown), file=sys.stderr)
+        raise SystemExit(2)
     try:
         return Settings()
     except ValidationError as exc:

@@ -4,13 +4,34 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.params import ModelParams
+
+
+#: STREAMREC_* variables that are not settings: read by the test suite and its reports.
+OTHER_VARIABLES = frozenset({"STREAMREC_TEST_BROKERS", "STREAMREC_TEST_SEED", "STREAMREC_TEST_BAD_INPUTS",
+                             "STREAMREC_REPORT_DIR", "STREAMREC_LOGLEVEL"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``STREAMREC_*`` names in ``environ`` that name no setting (a misspelt one would otherwise be
+    ignored), each with the nearest setting's name when one is close."""
+    import dataclasses
+    import difflib
+
+    known = {f"STREAMREC_{name.upper()}" for name in Settings.model_fields if name != "model"}
+    known |= {f"STREAMREC_MODEL__{f.name.upper()}" for f in dataclasses.fields(ModelParams)}
+    out = []
+    for name in sorted(environ):
+        if name.startswith("STREAMREC_") and name not in known and name not in OTHER_VARIABLES:
+            near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            out.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return out
 
 
 class Settings(BaseSettings):

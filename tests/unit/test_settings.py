@@ -65,3 +65,27 @@ def test_limits_are_settings_and_the_pipeline_enforces_them_with_reasons(monkeyp
     ok = asyncio.run(p.process_requests([RawMessage("requests", 0, 2, None, json.dumps(
         {"type": "request", "request_id": "r3", **base, "k": 5, "exclude": ["a", "b"]}).encode())]))
     assert len(ok.recommendations) == 1 and not ok.dead_letters
+
+
+def test_a_misspelt_variable_is_named_with_the_nearest_setting():
+    from workers.runner import settings_env
+    from workers.settings import unknown_variables
+
+    env = {"STREAMREC_ENCODR_BACKEND": "onnx", "STREAMREC_MODEL__SHORT_ALHPA": "0.3", "STREAMREC_NOTHING_LIKE_IT": "1",
+           "STREAMREC_K": "5", "STREAMREC_MODEL__LEARN_RATE": "0.1", "STREAMREC_TEST_BROKERS": "tansu", "HOME": "/root"}
+    assert unknown_variables(env) == ["STREAMREC_ENCODR_BACKEND (did you mean STREAMREC_ENCODER_BACKEND?)",
+                                      "STREAMREC_MODEL__SHORT_ALHPA (did you mean STREAMREC_MODEL__SHORT_ALPHA?)",
+                                      "STREAMREC_NOTHING_LIKE_IT"]
+    assert unknown_variables(settings_env(Settings())) == []  # what a worker's parent passes on is all known
+
+
+def test_the_cli_refuses_an_unknown_variable(monkeypatch, capsys):
+    import pytest
+
+    from workers.cli import main
+
+    monkeypatch.setenv("STREAMREC_BATCH_MAXX", "10")
+    with pytest.raises(SystemExit) as exc:
+        main(["config"])
+    assert exc.value.code == 2
+    assert "STREAMREC_BATCH_MAXX (did you mean STREAMREC_BATCH_MAX?)" in capsys.readouterr().err
