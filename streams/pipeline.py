@@ -231,6 +231,8 @@ class Pipeline:
         self.clock = clock
         self.catalog_caught_up = catalog_caught_up
         self._next: dict[str, int] = {}  # per source, the offset after this worker's last batch
+        self._redo: dict[str, int] = {}  # a batch to take again: per source, its last offset
+        self._applied: dict[str, int] = {}  # per source, the published offset read with it
 
     async def _run(self, fn: Callable, *args: Any, encoder: bool = False) -> Any:
         loop = asyncio.get_running_loop()
@@ -361,7 +363,8 @@ class Pipeline:
     async def next_batch(self, held: Sequence[RawMessage], size: int, force: bool = False) -> Optional[list[int]]:
         """Which of ``held`` (indexes, in order) the next events batch takes: the first ``size``, or,
         where a batch was begun and its effects were not applied (its worker stopped between the
-        two), that batch again, so that the same events on the same state make the same lists.
+        two), that batch again, so that the same events on the same state make the same lists:
+        first the redelivered events before it (applied already), then exactly its events.
         ``None``: some of that batch is not held yet (wait for it; ``force`` takes what is held).
         A source that continues where this worker's last batch left it is not looked up."""
         first: dict[str, int] = {}
@@ -370,27 +373,35 @@ class Pipeline:
             src = source_of(m)
             first.setdefault(src, m.offset)
             last[src] = max(last.get(src, -1), m.offset)
-        unsure = [src for src, o in first.items() if self._next.get(src) != o]
-        redo: dict[str, int] = {}
-        pos: dict[str, tuple[int, dict[str, int]]] = {}
+        unsure = [src for src, o in first.items() if self._next.get(src) != o and src not in self._applied]
         if unsure:
             pos = await self.profiles.positions(unsure)
             for src, (applied, begun) in pos.items():
+                self._applied[src] = applied
                 if begun.get(src, -1) > applied:
                     for other, end in begun.items():
-                        redo[other] = max(redo.get(other, -1), end)
-            others = [src for src in redo if src not in pos]
+                        self._redo[other] = max(self._redo.get(other, -1), end)
+            others = [src for src in self._redo if src not in self._applied]
             if others:
-                pos.update(await self.profiles.positions(others))
+                self._applied.update({src: applied for src, (applied, _) in
+                                      (await self.profiles.positions(others)).items()})
         take: list[int] = []
-        if redo:
-            if not force and any(pos[src][0] < end and last.get(src, -1) < end for src, end in redo.items()):
-                return None
-            limit = {src: redo.get(src, pos[src][0] if src in pos else o - 1) for src, o in first.items()}
-            take = [i for i, m in enumerate(held) if m.offset <= limit[source_of(m)]]
-            if take:
-                log.info("taking again a batch begun before its effects were applied: %s",
-                         ", ".join(f"{src} to {end}" for src, end in sorted(redo.items())))
+        if self._redo:
+            # events applied already go first, by themselves: the batch to take again is only its own
+            take = [i for i, m in enumerate(held) if m.offset <= self._applied.get(source_of(m), -1)]
+            if not take:
+                missing = {src: end for src, end in self._redo.items()
+                           if self._applied[src] < end and last.get(src, -1) < end}
+                if missing and not force:
+                    return None
+                take = [i for i, m in enumerate(held) if m.offset <= self._redo.get(source_of(m), -1)]
+                log.warning("taking again a batch whose lists may be out but whose effects are not applied "
+                            "(%d events): %s%s", len(take),
+                            ", ".join(f"{src} to {end}" for src, end in sorted(self._redo.items())),
+                            f"; without the events not received in time: {missing}" if missing else "")
+                self._redo.clear()
+        if not self._redo:
+            self._applied.clear()
         if not take:
             take = list(range(min(size, len(held))))
         for i in take:
@@ -402,6 +413,8 @@ class Pipeline:
         """Forget where the last batches left each source (partitions moved: another worker may have
         begun a batch on one)."""
         self._next.clear()
+        self._redo.clear()
+        self._applied.clear()
 
     async def load_profiles(self, user_ids: Sequence[str]) -> dict[str, Profile]:
         """Profiles ready to use: an unreadable one starts again, one whose vectors another encoder

@@ -102,8 +102,8 @@ class ProfileStore(abc.ABC):
 
     @abc.abstractmethod
     async def published(self, sources: Sequence[str]) -> dict[str, int]:
-        """Per source, the last offset whose stats were applied (-1 for none): every message of a
-        batch counts in the stats, and a batch's lists are published before its effects, so the
+        """Per source, the last offset of a batch whose effects began to apply (-1 for none; its
+        stats' watermark once applied): a batch's lists are published before its effects, so the
         events up to it had their lists out."""
 
     @abc.abstractmethod

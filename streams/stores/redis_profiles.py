@@ -4,7 +4,8 @@ Keys (``P`` is the key prefix; ``{...}`` is a hash tag, so the keys of one scrip
 
 - ``P:{u:ID}``: the user's record (``streams.stores.codec``); a forgotten user's tombstone expires.
 - Shard ``k`` of per-item state (``k = crc32(item) % shards``; stats by source):
-  ``P:{s:k}:m`` hash of watermarks ``w:<source>``, the last batch begun ``b:<source>``, decay
+  ``P:{s:k}:m`` hash of watermarks ``w:<source>``, the last batch begun ``b:<source>`` and the
+  last whose effects began to apply ``a:<source>``, decay
   references and the scenes it tracks; ``P:{s:k}:pop`` and ``P:{s:k}:pop:<scene>`` decayed
   popularity; ``P:{s:k}:n`` decayed clicks per item; ``P:{s:k}:co:<item>`` and ``P:{s:k}:tr:<item>``
   decayed co-clicks and steps of an item; ``P:{s:k}:stats`` counters.
@@ -201,6 +202,11 @@ end
 for k = 3 + ns, #KEYS do redis.call('DEL', KEYS[k]) end
 return 1
 """
+
+
+def _applied(row: Sequence[Optional[bytes]]) -> int:
+    """The published offset from a source's stats watermark and its mark of effects begun."""
+    return max((int(v) for v in row if v is not None), default=-1)
 
 
 def is_cluster_url(url: str) -> bool:
@@ -421,6 +427,20 @@ class RedisProfileStore(ProfileStore):
         for source, offset, name, n in effects.stats:
             kind = "r" if name in DELIVERY_STATS else "s"
             shard(self._shard(source))["ops"] += [kind, source, offset, name, 0, n, 0]
+        # Marked first: a batch whose effects began to apply is published, its lists go again
+        # marked duplicate (a worker killed mid-pipeline leaves some effects applied, and the rest
+        # of the batch's lists could not be made from the state before it). On a cluster the
+        # nodes run their parts of a pipeline in any order: the marks go in a round trip of their own.
+        extent: dict[str, int] = {}
+        for source, offset, _, _ in effects.stats:
+            extent[source] = max(extent.get(source, -1), offset)
+
+        def mark(pipe) -> None:
+            for src, end in extent.items():
+                pipe.hset(self.shard_key(self._shard(src), "m"), "a:" + src, end)
+
+        if extent and self.cluster:
+            await self._pipeline(mark)
         pending = {k: sh for k, sh in shards.items() if sh["ops"]}
         learn: list = []
         for source, offset, step in effects.learn:
@@ -432,6 +452,8 @@ class RedisProfileStore(ProfileStore):
             order = list(pending)
 
             def build(pipe, order=order, pending=pending, learn=learn if attempt == 0 else []) -> None:
+                if attempt == 0 and extent and not self.cluster:
+                    mark(pipe)
                 if learn:  # the ranker's steps: an integer reply, before the shards' ones
                     self._script(pipe, self._learn, [self.model_key()], [MODEL_ID, len(FEATURES), *FEATURES, *learn])
                 for k in order:
@@ -451,6 +473,8 @@ class RedisProfileStore(ProfileStore):
             if plan:
                 self._check_wait(plan, rows[-len(plan):])
                 rows = rows[: -len(plan)]
+            if attempt == 0 and extent and not self.cluster:
+                rows = rows[len(extent):]
             learn = []
             results = [r for r in rows if isinstance(r, bytes)]
             again = {}
@@ -500,9 +524,9 @@ class RedisProfileStore(ProfileStore):
         sources = list(dict.fromkeys(sources))
         if not sources:
             return {}
-        rows = await self._pipeline(lambda pipe: [pipe.hget(self.shard_key(self._shard(src), "m"), "w:" + src)
-                                                  for src in sources])
-        return {src: int(v) if v is not None else -1 for src, v in zip(sources, rows, strict=True)}
+        rows = await self._pipeline(lambda pipe: [pipe.hmget(self.shard_key(self._shard(src), "m"),
+                                                             ["w:" + src, "a:" + src]) for src in sources])
+        return {src: _applied(row) for src, row in zip(sources, rows, strict=True)}
 
     async def begin(self, batch: dict[str, int]) -> dict[str, int]:
         if not batch:
@@ -512,19 +536,19 @@ class RedisProfileStore(ProfileStore):
         def build(pipe) -> None:
             for src in batch:
                 pipe.hset(self.shard_key(self._shard(src), "m"), "b:" + src, noted)
-                pipe.hget(self.shard_key(self._shard(src), "m"), "w:" + src)
+                pipe.hmget(self.shard_key(self._shard(src), "m"), ["w:" + src, "a:" + src])
 
         rows = await self._pipeline(build)
-        return {src: int(v) if v is not None else -1 for src, v in zip(batch, rows[1::2], strict=True)}
+        return {src: _applied(row) for src, row in zip(batch, rows[1::2], strict=True)}
 
     async def positions(self, sources: Sequence[str]) -> dict[str, tuple[int, dict[str, int]]]:
         sources = list(dict.fromkeys(sources))
         if not sources:
             return {}
         rows = await self._pipeline(lambda pipe: [pipe.hmget(self.shard_key(self._shard(src), "m"),
-                                                             ["w:" + src, "b:" + src]) for src in sources])
-        return {src: (int(w) if w is not None else -1, json.loads(b) if b is not None else {})
-                for src, (w, b) in zip(sources, rows, strict=True)}
+                                                             ["w:" + src, "a:" + src, "b:" + src]) for src in sources])
+        return {src: (_applied(row[:2]), json.loads(row[2]) if row[2] is not None else {})
+                for src, row in zip(sources, rows, strict=True)}
 
     async def number_items(self, item_ids: Sequence[str]) -> dict[str, int]:
         ids = list(dict.fromkeys(item_ids))
