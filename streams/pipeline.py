@@ -607,7 +607,7 @@ class Pipeline:
         if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
             buckets, late = {}, {}
         found = await self._search_buckets(answers, buckets)
-        for (limit, idx, _), hits in zip(buckets.values(), found, strict=True):
+        for (_, idx, _), hits in zip(buckets.values(), found, strict=True):
             for i, h in zip(idx, hits, strict=True):
                 seen = answers[i].profile.seen
                 results[i] = [c for c in h if c.no not in seen][: limits[i]]
