@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Awaitable, Callable, Optional, Sequence
@@ -26,6 +28,8 @@ log = logging.getLogger("streamrec.agents")
 
 #: How long an events batch taken again waits for the rest of its events before it goes without them.
 REDO_WAIT_S = 10.0
+#: The worker's exit status after an agent stopped on an error that no retry fixes (EX_SOFTWARE).
+EXIT_AGENT_CRASHED = 70
 
 
 def broker_urls(settings: Settings) -> list[str]:
@@ -69,6 +73,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         value_serializer="raw",
     )
     app.fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
+    app.agent_errors = []  # what stopped an agent: the worker then exits with EXIT_AGENT_CRASHED
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -125,9 +130,18 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
             except asyncio.CancelledError:
                 agents[name] = "stopped"
                 raise
-            except BaseException as exc:
-                agents[name] = f"crashed: {exc!r}"
-                raise
+            except Exception as exc:  # noqa: BLE001 - an error retry_forever does not retry
+                # Faust would start the agent again mid-stream, past events it took and never
+                # acked; stop the worker instead, so that it is restarted from the committed
+                # offsets, and say so (/health fails meanwhile).
+                said = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                agents[name] = f"crashed: {said}"
+                app.agent_errors.append(f"{name} agent: {said}")
+                log.critical("%s agent stopped on an error that no retry fixes: %s; stopping the worker (exit %d) "
+                             "so that it is restarted from its last committed offsets", name, said,
+                             EXIT_AGENT_CRASHED, exc_info=exc)
+                app.conf.stream_wait_empty = False  # its taken events will never be acked: do not wait for them
+                os.kill(os.getpid(), signal.SIGTERM)
 
         async def batches(stream: faust.StreamT) -> None:
             held: list = []

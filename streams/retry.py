@@ -18,9 +18,41 @@ def transient(exc: BaseException) -> bool:
         return True
     name = type(exc).__name__
     module = type(exc).__module__
+    if module.startswith(("pymilvus", "grpc")):
+        return not milvus_permanent(exc)
     return (module.startswith("redis") and name in ("ConnectionError", "TimeoutError", "BusyLoadingError",
-                                                     "TryAgainError", "ClusterDownError"))\
-        or module.startswith("pymilvus") or module.startswith("grpc") or name == "ConflictError"
+                                                     "TryAgainError", "ClusterDownError")) or name == "ConflictError"
+
+
+#: Milvus answers that no retry changes: collection not found (100), invalid parameter (1100),
+#: not authenticated or not allowed (1800, 1801); pymilvus's own checks of what it was given.
+MILVUS_PERMANENT_CODES = frozenset({100, 1100, 1800, 1801})
+PYMILVUS_PERMANENT = frozenset({"ParamError", "DataTypeNotMatchException", "DataNotMatchException",
+                                "PrimaryKeyException", "FieldsTypeException", "FieldTypeException",
+                                "AutoIDException", "InvalidConsistencyLevel", "UpsertAutoIDTrueException"})
+
+
+def milvus_permanent(exc: BaseException) -> bool:
+    """A pymilvus or gRPC error that no retry fixes: a refused token or privilege (anywhere in its
+    chain), a missing collection, an invalid request. An unreachable or restarting Milvus, a
+    timeout, a released collection are transient."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "code", None)
+        try:
+            code = code() if callable(code) else code  # grpc.RpcError.code() is a method
+        except Exception:  # noqa: BLE001
+            code = None
+        if getattr(code, "name", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT"):
+            return True
+        if isinstance(code, int) and code in MILVUS_PERMANENT_CODES:
+            return True
+        if type(e).__name__ in PYMILVUS_PERMANENT:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def _stream(log, s: Settings, events: list[dict], worker: WorkerProcess, rate: f
 
 
 def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: int = 200,
-              data_dir: Optional[str] = None) -> dict:
+              data_dir: Optional[str] = None, memory_marks: tuple[int, ...] = (100, 1000)) -> dict:
     base = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
     catalog = demo_data.build_catalog(items)
     per_user = max(1, events // users)
@@ -77,8 +77,8 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         _say(f"click stream paced at half that throughput ({paced_rate} events/s)")
         repeat = [{**e, "event_id": "p-" + e["event_id"]} for e in evs[: max(1, len(evs) // 4)]]
         paced = _stream(log, s, repeat, worker, rate=paced_rate)
-        _say("memory per user: 1,000 clicks by each of 2 users, in one scene")
-        memory = _bytes_per_user(log, s, worker, r, catalog)
+        _say(f"memory per user: {max(memory_marks):,} clicks by each of 2 users, in one scene")
+        memory = _bytes_per_user(log, s, worker, r, catalog, marks=memory_marks)
         worker.stop()
         _say("measuring the parts alone")
         limits = asyncio.run(_limits(s, catalog))

@@ -14,7 +14,7 @@ import re
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Optional
 
 from streams.retry import Backoff
 from streams.security import describe_kafka, describe_redis, redis_options
@@ -146,16 +146,24 @@ def redis_probe(settings: Settings) -> Probe:
 _MILVUS_AUTH = re.compile(r"auth|unauthenticated|permission denied|token|password", re.IGNORECASE)
 
 
-def milvus_auth_error(exc: BaseException) -> bool:
-    """Is ``exc`` Milvus (or gRPC) saying the token was not accepted?"""
-    code = getattr(exc, "code", None)
-    try:
-        code = code() if callable(code) else code  # grpc.RpcError.code() is a method
-    except Exception:  # noqa: BLE001
-        code = None
-    if getattr(code, "name", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        return True
-    return bool(_MILVUS_AUTH.search(str(getattr(exc, "message", "")) or str(exc)))
+def milvus_auth_error(exc: BaseException) -> Optional[BaseException]:
+    """The error in ``exc``'s chain (itself or a cause) where Milvus or gRPC says the token was not
+    accepted; ``None`` if none is. pymilvus turns a refused login into "Fail connecting ... illegal
+    connection params or server unavailable", with gRPC's UNAUTHENTICATED as its cause."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "code", None)
+        try:
+            code = code() if callable(code) else code  # grpc.RpcError.code() is a method
+        except Exception:  # noqa: BLE001
+            code = None
+        if getattr(code, "name", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            return exc
+        if _MILVUS_AUTH.search(str(getattr(exc, "message", "")) or str(exc)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def milvus_probe(settings: Settings) -> Probe:
@@ -174,8 +182,11 @@ def milvus_probe(settings: Settings) -> Probe:
         try:
             await asyncio.to_thread(run)
         except Exception as exc:  # noqa: BLE001 - sorted here
-            if milvus_auth_error(exc):
-                raise Rejected(f"rejected the token: {cause(exc)}") from None
+            refused = milvus_auth_error(exc)
+            if refused is not None:
+                details = getattr(refused, "details", None)
+                said = details() if callable(details) else cause(refused)
+                raise Rejected(f"rejected the token: {said}") from None
             tls = _tls_rejected(exc, "see the https:// certificate")
             if tls is not None:
                 raise tls from None

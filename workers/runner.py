@@ -142,8 +142,6 @@ def read_outputs(log: KafkaEventLog, topic: str, want: Iterable[str], timeout_s:
 def worker_on_stack(settings: Settings, stack, base: Path, name: str) -> Iterator[tuple]:
     """A worker on ``stack`` with fresh names (app id, key prefix), its topics created; yields
     (settings, event log, worker, sync Redis client) and stops them all afterwards."""
-    import redis
-
     run = uuid.uuid4().hex[:8]
     s = settings.model_copy(update={
         "kafka_bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url, "milvus_uri": stack.milvus_uri,

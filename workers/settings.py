@@ -86,9 +86,10 @@ class Settings(BaseSettings):
     milvus_timeout_s: float = Field(
         30.0, gt=0, description="longest wait of one Milvus call, its client's own retries included; the "
         "worker then backs off and tries the batch again (unbounded, pymilvus retries for many minutes)")
-    milvus_index_type: str = Field(
+    milvus_index_type: Literal["FLAT", "HNSW", "AUTOINDEX"] = Field(
         "FLAT", description="vector index of a new collection: FLAT is exact and deterministic (replays give "
-        "the same lists); HNSW/AUTOINDEX are approximate, for catalogs of millions")
+        "the same lists); HNSW (M 16, efConstruction 200, ef at least 64) and AUTOINDEX are approximate, for "
+        "catalogs of millions")
 
     # Encoder
     encoder_model: str = Field("", description="local transformers model path; empty: the packaged all-MiniLM-L6-v2")

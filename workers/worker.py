@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from schemas import Limits
@@ -37,7 +38,8 @@ def build_pipeline(settings: Settings):
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Check that Kafka, Redis and Milvus let the worker in (raises
     :class:`workers.preflight.ServiceError`), create the topics, load the encoder, and consume until
-    stopped (SIGTERM or Ctrl-C)."""
+    stopped (SIGTERM or Ctrl-C). An agent stopped by an error that no retry fixes stops the worker
+    with exit status ``EXIT_AGENT_CRASHED`` (70), for the orchestrator to restart it."""
     import asyncio
 
     import faust
@@ -56,4 +58,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = create_app(settings, pipeline)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if app.agent_errors:
+            from streams.app import EXIT_AGENT_CRASHED
+
+            print(f"streamrec worker: stopped: {'; '.join(app.agent_errors)}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_AGENT_CRASHED)

@@ -19,6 +19,10 @@ ENCODER_PROPERTY = "streamrec.encoder"  # the collection property naming the enc
 # Milvus Lite server among them) answer an idle connection's pings with GOAWAY "too_many_pings",
 # and a later client for the same URI then fails to reconnect. Ping only while calls are running.
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 60_000, "grpc.keepalive_permit_without_calls": False}
+# Build parameters of each vector index (a Milvus server refuses HNSW without them), and the search
+# breadth of HNSW: ``ef`` at least the results asked for (Milvus's rule) and at least 64.
+INDEX_PARAMS = {"FLAT": {}, "AUTOINDEX": {}, "HNSW": {"M": 16, "efConstruction": 200}}
+HNSW_MIN_EF = 64
 
 
 def milvus_client(uri: str, token: str = "", timeout: float | None = None):
@@ -95,7 +99,10 @@ class MilvusItemIndex(ItemIndex):
         schema.add_field("ts", DataType.DOUBLE)
         schema.add_field("no", DataType.INT64)
         index = c.prepare_index_params()
-        index.add_index(field_name="vector", index_type=self.index_type, metric_type="COSINE")
+        if self.index_type not in INDEX_PARAMS:
+            raise ValueError(f"vector index {self.index_type!r}: choose from {sorted(INDEX_PARAMS)}")
+        index.add_index(field_name="vector", index_type=self.index_type, metric_type="COSINE",
+                        params=INDEX_PARAMS[self.index_type])
         c.create_collection(self.collection, schema=schema, index_params=index, consistency_level=self.consistency,
                             properties={ENCODER_PROPERTY: self.encoder} if self.encoder else None)
 
@@ -149,9 +156,12 @@ class MilvusItemIndex(ItemIndex):
         # the search itself on Milvus Lite; callers fetch the attributes of the few they keep,
         # through a cache. (An empty output_fields returns every field on Milvus Lite.)
         data = np.asarray(vectors, dtype=np.float32).tolist()
+        params = {"metric_type": "COSINE"}
+        if self.index_type == "HNSW":
+            params["params"] = {"ef": min(max(limit, HNSW_MIN_EF), 32_768)}
         hits = self._read(lambda: self.client.search(self.collection, data=data, limit=limit, filter=expr,
-                                                     output_fields=["no"], consistency_level=self.consistency,
-                                                     timeout=self.timeout))
+                                                     output_fields=["no"], search_params=params,
+                                                     consistency_level=self.consistency, timeout=self.timeout))
         return [[Candidate(i, float(d), no=int(row.get_raw_item(j)["entity"]["no"]))
                  for j, (i, d) in enumerate(zip(row.ids, row.distances, strict=True))] for row in hits]
 

@@ -1,11 +1,15 @@
 """Real services for the integration tests: one embedded stack (Tansu broker, redis-server,
 Milvus Lite server) per test session, and Apache Kafka (4.x, KRaft, on Java 17) as a second,
-reference broker. Every test that uses ``stack`` runs on both brokers (ids ``[tansu]`` and
-``[apache-kafka]``), with redis-server and Milvus Lite from the embedded stack either way; without
-Java 17 (or Maven, while the jars are not cached) the Apache Kafka runs are skipped, with the
-reason. ``STREAMREC_TEST_BROKERS=tansu`` (or ``apache-kafka``) runs on one broker only. Every test
-gets fresh topics, consumer group, Redis key prefix and Milvus collection, and its own worker
-process."""
+reference broker. A test marked ``every_broker`` (what a broker's semantics can break: offsets
+and redelivery, group rebalances, raw bytes, watermarks, recording and replay) runs on both
+brokers (ids ``[tansu]`` and ``[apache-kafka]``); any other test that uses ``stack`` runs once, on
+the first broker under test. A test marked ``every_index`` runs once more on a real Milvus
+standalone server (id ``[milvus-standalone]``: authentication on, the HNSW index that ``deploy/``
+uses), on the first broker. redis-server comes from the embedded stack either way.
+Without Java 17 (or Maven, while the jars are not cached) the Apache Kafka runs are skipped, with
+the reason. ``STREAMREC_TEST_BROKERS=tansu`` (or ``apache-kafka``) runs on one broker only; its
+first broker is the one for single-broker tests. Every test gets fresh topics, consumer group,
+Redis key prefix and Milvus collection, and its own worker process."""
 
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import pytest
-import redis
 
 from streams.stores.eventlog import KafkaEventLog, all_topics
 from streams.stores.redis_profiles import connect, read_stats
@@ -25,6 +28,7 @@ from workers import demo_data
 from workers.kafka_broker import ApacheKafka, KafkaUnavailable
 from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat
 from workers.settings import Settings
+from workers.milvus_server import MilvusStandalone
 from workers.stack import Stack
 
 from .reliability import ReliabilityReport, report_dir
@@ -49,19 +53,31 @@ def brokers_under_test() -> list[str]:
 
 
 def pytest_generate_tests(metafunc):
-    # every test that needs ``stack`` (directly or through a fixture) runs once per broker
+    # a test that needs ``stack`` (directly or through a fixture) runs on the first broker under
+    # test, or on each of them when it is marked ``every_broker``; ``every_index`` adds a run on
+    # Milvus standalone
     if "stack" in metafunc.fixturenames:
-        metafunc.parametrize("stack", brokers_under_test(), indirect=True, scope="session")
+        brokers = brokers_under_test()
+        if metafunc.definition.get_closest_marker("every_broker") is None:
+            brokers = brokers[:1]
+        if metafunc.definition.get_closest_marker("every_index") is not None:
+            brokers = [*brokers, STANDALONE]
+        metafunc.parametrize("stack", brokers, indirect=True, scope="session")
+
+
+STANDALONE = "milvus-standalone"
 
 
 @dataclass
 class BrokerStack:
-    """The embedded stack's redis-server and Milvus Lite with another Kafka broker: what tests see
-    as ``stack`` on Apache Kafka (the same attributes as :class:`Stack`)."""
+    """The embedded stack's redis-server and Milvus Lite with another Kafka broker, or the
+    embedded stack with another Milvus: what tests see as ``stack`` (the attributes of
+    :class:`Stack`, and the Milvus token and index type a worker needs)."""
 
     services: Stack
     kafka_bootstrap: str
     broker: str
+    milvus: Optional["MilvusStandalone"] = None
 
     @property
     def redis_url(self) -> str:
@@ -69,14 +85,27 @@ class BrokerStack:
 
     @property
     def milvus_uri(self) -> str:
-        return self.services.milvus_uri
+        return self.milvus.uri if self.milvus else self.services.milvus_uri
+
+    @property
+    def milvus_token(self) -> str:
+        return self.milvus.token if self.milvus else ""
+
+    @property
+    def milvus_index_type(self) -> str:
+        return "HNSW" if self.milvus else "FLAT"
 
     @property
     def versions(self) -> dict[str, str]:
-        return {**self.services.versions, "broker": self.broker}
+        extra = {"milvus": f"standalone {self.milvus.version}"} if self.milvus else {}
+        return {**self.services.versions, "broker": self.broker, **extra}
 
     def env(self) -> dict[str, str]:
-        return {**self.services.env(), "STREAMREC_KAFKA_BOOTSTRAP": self.kafka_bootstrap}
+        out = {**self.services.env(), "STREAMREC_KAFKA_BOOTSTRAP": self.kafka_bootstrap}
+        if self.milvus:
+            out.update(STREAMREC_MILVUS_URI=self.milvus.uri, STREAMREC_MILVUS_TOKEN=self.milvus.token,
+                       STREAMREC_MILVUS_INDEX_TYPE="HNSW")
+        return out
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +142,20 @@ def apache_kafka(tmp_path_factory, reliability):
 
 
 @pytest.fixture(scope="session")
+def milvus_standalone(tmp_path_factory):
+    """A real Milvus standalone server (PyPI ``milvus``), authentication on, once per session;
+    tests keep apart by collection."""
+    from workers.milvus_server import MilvusUnavailable
+
+    try:
+        server = MilvusStandalone(tmp_path_factory.mktemp("milvus-standalone"))
+    except MilvusUnavailable as exc:
+        pytest.skip(f"Milvus standalone not started: {exc}")
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory):
     """A real Redis Cluster (3 masters, 3 replicas) from the same redis-server binary, once per
     session; tests keep apart by key prefix. A test that kills a master restarts it."""
@@ -127,6 +170,12 @@ def stack(request, embedded):
     """The services a test runs on; its Kafka broker is the test's parameter (``tansu`` when the
     test was not parametrized, e.g. a ``request.getfixturevalue("stack")``)."""
     broker = getattr(request, "param", "tansu")
+    if broker == STANDALONE:
+        broker = brokers_under_test()[0]  # Milvus standalone with the first broker
+        on = embedded if broker == "tansu" else request.getfixturevalue("apache_kafka")
+        bootstrap = on.kafka_bootstrap if broker == "tansu" else on.bootstrap
+        name = embedded.versions.get("broker", "tansu") if broker == "tansu" else f"apache-kafka {on.version}"
+        return BrokerStack(embedded, bootstrap, name, request.getfixturevalue("milvus_standalone"))
     if broker == "tansu":
         return embedded
     k = request.getfixturevalue("apache_kafka")
@@ -142,10 +191,14 @@ class Harness:
         self.broker = stack.versions.get("broker", "?")
         self.settings = Settings(**{
             "kafka_bootstrap": stack.kafka_bootstrap, "redis_url": stack.redis_url, "milvus_uri": stack.milvus_uri,
+            "milvus_token": getattr(stack, "milvus_token", ""),
+            "milvus_index_type": getattr(stack, "milvus_index_type", "FLAT"),
             "app_id": f"t-{run}", "key_prefix": f"t-{run}", "milvus_collection": f"t_{run}",
             "topic_events": f"t-{run}.events", "topic_catalog": f"t-{run}.catalog",
             "topic_requests": f"t-{run}.requests", "topic_recommendations": f"t-{run}.recs",
-            "topic_deadletter": f"t-{run}.dlq", "kafka_rebalance_timeout_s": 3.0, "kafka_session_timeout_s": 10.0,
+            "topic_deadletter": f"t-{run}.dlq", "kafka_rebalance_timeout_s": 3.0,
+            # the shortest session Kafka allows by default: Tansu holds a new group for half of it
+            "kafka_session_timeout_s": 6.0,
             "data_dir": str(tmp / "data"), **overrides})
         self.log = KafkaEventLog(stack.kafka_bootstrap)
         self.log.ensure_topics(all_topics(self.settings), self.settings.topic_partitions)

@@ -99,11 +99,13 @@ def test_bench_reports_streams_and_limits(tmp_path):
     from workers.bench import run_bench
     from workers.settings import Settings
 
-    r = run_bench(Settings(), events=40, items=80, users=8, data_dir=str(tmp_path))
+    r = run_bench(Settings(), events=40, items=80, users=8, data_dir=str(tmp_path), memory_marks=(5, 20))
     assert r["click_stream"]["events"] == 40 and r["query_stream"]["events"] > 0
     for part in ("encoder_texts_per_s", "milvus_searches_per_s", "redis_profile_updates_per_s"):
         assert r["limits"][part] > 0
     assert set(r["ratios"]) and all(v > 0 for v in r["ratios"].values())
+    mem = r["redis_bytes_per_user"]
+    assert set(mem) == {"5", "20"} and 0 < mem["5"] <= mem["20"]
     assert r["isolated_event"]["events"] > 0 and r["isolated_event"]["latency_ms"]["p50"] > 0
     assert set(r["limits"]["encoder_texts_per_s_by_backend"]) == {"torch", "onnx", "onnx-int8"}
     import torch

@@ -53,6 +53,7 @@ def recorded_lists() -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.every_broker
 def test_replaying_the_same_inputs_gives_the_same_recommendations(stack, tmp_path):
     runs = []
     for n in range(2):

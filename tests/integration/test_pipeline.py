@@ -1,5 +1,7 @@
 """The main path end to end on real services: Kafka broker, redis-server, Milvus Lite, the real
-encoder, a real worker process."""
+encoder, a real worker process. The tests that lean on the item index (searches by profile and by
+query, seen-item filters, deletes, fresh upserts, scene filters) run on Milvus standalone too (a
+token, HNSW), as ``[milvus-standalone]``."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def test_clicks_on_one_category_dominate_the_list(harness):
     assert max(profile.interest, key=profile.interest.get) == "cooking"
 
 
+@pytest.mark.every_index
 def test_a_query_moves_the_list_toward_its_topic(harness):
     clicks = [harness.click("bob", i) for i in items_of("football")[:4]]
     before = harness.run(clicks)[clicks[-1]["event_id"]]
@@ -48,6 +51,7 @@ def test_a_query_moves_the_list_toward_its_topic(harness):
     assert any(i["reason"].startswith("matches your search") for i in after["items"])
 
 
+@pytest.mark.every_index
 def test_seen_items_never_come_back_and_deleted_items_never_appear(harness):
     jazz = items_of("jazz")
     first = [harness.click("carol", i) for i in jazz[:3]]
@@ -71,6 +75,7 @@ def test_seen_items_never_come_back_and_deleted_items_never_appear(harness):
     assert not got & (seen | set(recommended))
 
 
+@pytest.mark.every_index
 def test_a_new_item_is_recommended_right_after_its_catalog_event(harness):
     stars = items_of("astronomy")[:4]
     harness.run([harness.click("dave", i) for i in stars])
@@ -116,6 +121,7 @@ def test_every_recommendation_has_a_reason_and_its_trigger(harness):
     assert any("you clicked" in i["reason"] for i in out[events[2]["event_id"]]["items"])
 
 
+@pytest.mark.every_index
 def test_scenes_give_scene_specific_lists(harness):
     cooking, football = items_of("cooking"), items_of("football")
     events = []

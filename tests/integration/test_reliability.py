@@ -1,5 +1,6 @@
 """Nothing lost, nothing applied twice: a worker killed mid-stream, workers joining and leaving a
-group, Redis crashing and Milvus going away, each on every broker under test. Each scenario audits
+group, Redis crashing and Milvus going away (the broker's own scenarios on every broker under test, the
+stores' on the first). Each scenario audits
 every event (applied exactly once to its user's profile, at least one list on the output topic)
 and adds its figures to the session's reliability report."""
 
@@ -19,7 +20,9 @@ from hypothesis import strategies as st
 
 from schemas import Limits
 from tests.hostile import hostile
+from workers.milvus_server import MilvusStandalone
 from workers.runner import WorkerProcess
+from workers.settings import Settings
 from workers.stack import wait_for
 
 from .conftest import CATALOG, Harness, items_of
@@ -82,6 +85,7 @@ def assert_exactly_once(fig: dict) -> None:
     assert fig["crashes"] == 0, fig
 
 
+@pytest.mark.every_broker
 def test_kill9_worker_mid_stream(stack, tmp_path, reliability):
     """SIGKILL the worker at 5 random points of one stream, restarting it each time."""
     seed = seed_for("kill")
@@ -115,6 +119,7 @@ def test_kill9_worker_mid_stream(stack, tmp_path, reliability):
         h.close()
 
 
+@pytest.mark.every_broker
 def test_two_workers_one_leaves_and_returns(stack, tmp_path, reliability):
     """Two workers share 6 partitions; one stops and comes back (2 -> 1 -> 2) mid-stream."""
     seed = seed_for("rebalance")
@@ -153,14 +158,19 @@ def test_two_workers_one_leaves_and_returns(stack, tmp_path, reliability):
         h.close()
 
 
+@pytest.mark.every_index
 def test_redis_crash_and_milvus_outage(stack, tmp_path, reliability):
     """Redis is killed and restarted mid-stream, later Milvus is stopped for a while: the worker
-    retries with backoff, acks nothing it has not applied, and catches up."""
+    retries with backoff, acks nothing it has not applied, and catches up. On Milvus Lite, and on
+    Milvus standalone (a token, HNSW) as ``[milvus-standalone]``."""
     seed = seed_for("outage")
     rng = random.Random(seed)
-    with DurableRedis(tmp_path / "redis") as r, MilvusServer(tmp_path / "milvus") as m:
+    standalone = getattr(stack, "milvus", None) is not None
+    own_milvus = MilvusStandalone(tmp_path / "milvus") if standalone else MilvusServer(tmp_path / "milvus")
+    with DurableRedis(tmp_path / "redis") as r, own_milvus as m:
         # short Milvus calls and item cache: the outage shows within seconds
-        h = Harness(stack, tmp_path, redis_url=r.url, milvus_uri=m.uri, item_cache_ttl_s=1.0, milvus_timeout_s=5.0)
+        h = Harness(stack, tmp_path, redis_url=r.url, milvus_uri=m.uri, item_cache_ttl_s=1.0, milvus_timeout_s=5.0,
+                    milvus_token=getattr(m, "token", ""))
         try:
             h.catalog(CATALOG)
             events = make_stream(rng, 600, 24, "o")
@@ -200,29 +210,46 @@ def test_redis_crash_and_milvus_outage(stack, tmp_path, reliability):
             h.close()
 
 
-def test_hostile_input_is_dead_lettered(stack, tmp_path, reliability):
-    """Hypothesis makes malformed and hostile messages for all three input topics (see
-    ``tests/hostile.py``); with them go valid clicks and requests of users never seen before.
-    Every hostile message lands in the dead-letter topic with its reason and its exact bytes, every
-    valid one is answered, and the worker never dies."""
-    target = int(os.environ.get("STREAMREC_TEST_BAD_INPUTS") or 10_000)
-    per_example = 25
+BAD_INPUTS = int(os.environ.get("STREAMREC_TEST_BAD_INPUTS") or 10_000)
+PER_EXAMPLE = 25
+
+
+@pytest.fixture(scope="session")
+def hostile_examples() -> list[tuple]:
+    """Hypothesis's malformed and hostile messages for all three input topics (see
+    ``tests/hostile.py``), ``BAD_INPUTS`` of them in examples of ``PER_EXAMPLE``: each example is
+    (messages, where the valid events go among them, the item they click). Drawn once per session,
+    so every broker gets the same messages (timestamps made invalid are an hour past the limit)."""
+    limits = Limits.from_settings(Settings())
+    item_ids = tuple(it["item_id"] for it in CATALOG)
+    drawn: list[tuple] = []
+
+    @settings(max_examples=BAD_INPUTS // PER_EXAMPLE, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(batch=st.lists(hostile(limits, time.time(), item_ids), min_size=PER_EXAMPLE, max_size=PER_EXAMPLE),
+           at=st.integers(0, PER_EXAMPLE), item=st.sampled_from(item_ids))
+    def draw(batch, at, item):
+        drawn.append((batch, at, item))
+
+    draw()
+    return drawn
+
+
+@pytest.mark.every_broker
+def test_hostile_input_is_dead_lettered(stack, tmp_path, reliability, hostile_examples):
+    """Malformed and hostile messages (``hostile_examples``) for all three input topics, and with
+    them valid clicks and requests of users never seen before. Every hostile message lands in the
+    dead-letter topic with its reason and its exact bytes, every valid one is answered, and the
+    worker never dies."""
     h = Harness(stack, tmp_path)
     try:
         h.catalog(CATALOG)
         topics = {"events": h.settings.topic_events, "catalog": h.settings.topic_catalog,
                   "requests": h.settings.topic_requests}
-        limits = Limits.from_settings(h.settings)
-        item_ids = tuple(it["item_id"] for it in CATALOG)
         producer = h.log.producer()
         sent: list[tuple] = []  # (future, Hostile)
         valid: list[dict] = []
-
-        @settings(max_examples=target // per_example, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(batch=st.lists(hostile(limits, time.time(), item_ids), min_size=per_example, max_size=per_example),
-               at=st.integers(0, per_example), item=st.sampled_from(item_ids))
-        def feed(batch, at, item):
+        for batch, at, item in hostile_examples:
             n = len(valid)
             good = [h.click(f"new-user-{n}", item), h.request(f"new-user-{n + 1}", k=5)]
             for m in batch[:at]:
@@ -232,8 +259,6 @@ def test_hostile_input_is_dead_lettered(stack, tmp_path, reliability):
                 sent.append((producer.send(topics[m.topic], key=m.key, value=m.value), m))
             valid.extend(good)
             assert h.worker.alive(), h.worker.log_tail()
-
-        feed()
         producer.flush()
         where = {}
         for fut, m in sent:
@@ -265,7 +290,7 @@ def test_hostile_input_is_dead_lettered(stack, tmp_path, reliability):
                "crashes": crashes_in(h.worker.log_path.read_text(errors="replace")) + (not h.worker.alive()),
                "faults": dict(sorted(faults.items())), "errors": dict(sorted(errors.items()))}
         reliability.add(h.broker, "hostile input (hypothesis)", fig)
-        assert fig["bad_inputs_tried"] >= target, fig
+        assert fig["bad_inputs_tried"] >= BAD_INPUTS, fig
         assert fig["dead_lettered"] == fig["bad_inputs_tried"] == fig["dead_lettered_exact"], fig
         assert fig["dead_letters_for_valid_input"] == 0, fig
         assert fig["valid_answered"] == fig["valid_sent"], fig
@@ -312,3 +337,29 @@ def test_redis_cluster_master_failover(embedded, tmp_path, reliability, redis_cl
         h.close()
         for k in killed:  # the old master comes back as a replica, for the tests after this one
             redis_cluster.restart(k["killed_port"])
+
+
+def test_an_error_no_retry_fixes_stops_the_worker_with_a_status_to_restart_it(stack, tmp_path):
+    """Someone drops the Milvus collection under a running worker: the next search fails for good.
+    The worker is not left running with a dead agent (nor retrying forever): it says why, stops,
+    and exits with status 70, for an orchestrator to restart it from its committed offsets."""
+    from streams.app import EXIT_AGENT_CRASHED
+    from streams.stores.milvus_items import milvus_client
+
+    h = Harness(stack, tmp_path)
+    try:
+        h.catalog(CATALOG)
+        first = h.click("drop-1", items_of("jazz")[0])
+        assert h.run([first])[first["event_id"]]["items"]
+        client = milvus_client(h.settings.milvus_uri, h.settings.milvus_token.get_secret_value())
+        client.drop_collection(h.settings.milvus_collection)
+        client.close()
+        h.send([h.click("drop-2", items_of("jazz")[1])])
+        wait_for(lambda: not h.worker.alive(), "the worker to stop", 60)
+        log = h.worker.log_path.read_text(errors="replace")
+        assert h.worker.proc.returncode == EXIT_AGENT_CRASHED, log[-3000:]
+        assert "events agent stopped on an error that no retry fixes" in log, log[-3000:]
+        assert "streamrec worker: stopped: events agent: MilvusException: <MilvusException: (code=100" in log, log[-3000:]
+        assert h.stats().get("events_applied") == 1  # the failed batch is not acked, nor applied
+    finally:
+        h.close()

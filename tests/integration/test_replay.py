@@ -13,7 +13,7 @@ import pytest
 from streams.stores.eventlog import KafkaEventLog
 from workers.replay import read_recording, record, replay
 
-pytestmark = [pytest.mark.integration, pytest.mark.kafka]
+pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.every_broker]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from .conftest import CATALOG, Harness, items_of
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.every_broker
 def test_clicks_sent_while_the_catalog_is_being_indexed_wait_for_it(stack, tmp_path):
     """As a new user would: a worker, then 1,200 catalog items, then at once 1,100 clicks on them.
     The events agent must not run ahead of the catalog: every click is applied, none is

@@ -1,11 +1,13 @@
 """One contract suite per store interface, run against every implementation: the in-memory ones
-and the real servers (redis-server, Milvus Lite)."""
+and the real servers (redis-server, a Redis Cluster, Milvus Lite, and Milvus standalone with a
+token and the HNSW index)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import subprocess
+import time
 import uuid
 
 import numpy as np
@@ -272,13 +274,31 @@ def test_catalog_numbers_registry_progress_and_stats(url):
     run(url, go)
 
 
-@pytest.fixture(params=["memory", pytest.param("milvus", marks=pytest.mark.integration)])
+MILVUS = [pytest.param("milvus-lite", marks=pytest.mark.integration),
+          pytest.param("milvus-standalone", marks=pytest.mark.integration)]
+
+
+def milvus_at(request, kind: str) -> dict:
+    """Where a Milvus index lives: the embedded Milvus Lite server (FLAT), or Milvus standalone
+    (HNSW, with its token); the keywords of :func:`open_item_index` but the collection."""
+    if kind == "milvus-lite":
+        return {"uri": request.getfixturevalue("embedded").milvus_uri}
+    server = request.getfixturevalue("milvus_standalone")
+    return {"uri": server.uri, "token": server.token, "index_type": "HNSW"}
+
+
+@pytest.fixture(params=MILVUS)
+def milvus(request) -> dict:
+    return milvus_at(request, request.param)
+
+
+@pytest.fixture(params=["memory", *MILVUS])
 def index(request, tmp_path):
     if request.param == "memory":
         yield open_item_index("memory://", DIM)
         return
-    stack = request.getfixturevalue("stack")
-    ix = open_item_index(stack.milvus_uri, DIM, f"c_{uuid.uuid4().hex[:8]}")
+    at = milvus_at(request, request.param)
+    ix = open_item_index(at.pop("uri"), DIM, f"c_{uuid.uuid4().hex[:8]}", **at)
     yield ix
     ix.close()
 
@@ -308,15 +328,14 @@ def test_item_index_contract(index):
     assert [h.item_id for h in excl[0]][:2] == ["i6", "i7"]
 
 
-@pytest.mark.integration
-def test_milvus_index_loads_a_released_collection_again(stack):
+def test_milvus_index_loads_a_released_collection_again(milvus):
     """A restarted Milvus holds collections released: reads load them again instead of failing
     forever (found by the Milvus outage test)."""
     from streams.stores.milvus_items import milvus_client
 
     name = f"c_{uuid.uuid4().hex[:8]}"
-    ix = open_item_index(stack.milvus_uri, DIM, name)
-    other = milvus_client(stack.milvus_uri)
+    ix = open_item_index(milvus["uri"], DIM, name, **{k: v for k, v in milvus.items() if k != "uri"})
+    other = milvus_client(milvus["uri"], milvus.get("token", ""))
     try:
         ix.upsert([ItemRow(f"i{n}", unit(n), f"T{n}", "a", (), True, float(n), n) for n in range(4)])
         for read in (lambda: ix.search(np.stack([unit(1)]), 1)[0][0].item_id, lambda: sorted(ix.get(["i1"])),
@@ -329,19 +348,43 @@ def test_milvus_index_loads_a_released_collection_again(stack):
         ix.close()
 
 
-@pytest.mark.integration
-def test_milvus_collection_records_its_encoder_and_refuses_another(stack):
+def test_milvus_collection_records_its_encoder_and_refuses_another(milvus):
     """An index is never searched with vectors of another encoder than the one that built it."""
     name = f"c_{uuid.uuid4().hex[:8]}"
-    ix = open_item_index(stack.milvus_uri, DIM, name, encoder="minilm:8:128")
+    kw = {k: v for k, v in milvus.items() if k != "uri"}
+    uri = milvus["uri"]
+    ix = open_item_index(uri, DIM, name, encoder="minilm:8:128", **kw)
     try:
         ix.upsert([ItemRow("i1", unit(1), "T1", "a", (), True, 1.0, 1)])
-        again = open_item_index(stack.milvus_uri, DIM, name, encoder="minilm:8:128")  # the same encoder: fine
+        again = open_item_index(uri, DIM, name, encoder="minilm:8:128", **kw)  # the same encoder: fine
         again.close()
         with pytest.raises(EncoderMismatch, match="holds vectors of encoder 'minilm:8:128', this worker's is "
                                                   "'minilm\\+int8:8:128'"):
-            open_item_index(stack.milvus_uri, DIM, name, encoder="minilm+int8:8:128")
+            open_item_index(uri, DIM, name, encoder="minilm+int8:8:128", **kw)
         with pytest.raises(EncoderMismatch, match="holds 8-dim vectors, the encoder makes 16"):
-            open_item_index(stack.milvus_uri, 16, name, encoder="other:16:128")
+            open_item_index(uri, 16, name, encoder="other:16:128", **kw)
     finally:
         ix.close()
+
+
+def test_milvus_standalone_refuses_a_wrong_token_and_the_check_says_so_in_one_line(milvus_standalone):
+    """Authentication is on for real: a wrong token is rejected, and the worker's startup check
+    reports it in one line that names Milvus."""
+    from streams.stores.milvus_items import milvus_client
+    from workers.preflight import ServiceError, milvus_auth_error, milvus_probe, wait_until_up
+    from streams.retry import Backoff
+    from workers.settings import Settings
+
+    with pytest.raises(Exception) as refused:  # pymilvus logs in when the client is made
+        milvus_client(milvus_standalone.uri, "root:not-the-password", timeout=10).list_collections(timeout=10)
+    assert milvus_auth_error(refused.value) is not None, refused.value
+    good = milvus_client(milvus_standalone.uri, milvus_standalone.token, timeout=10)
+    assert isinstance(good.list_collections(timeout=10), list)
+    good.close()
+
+    s = Settings(milvus_uri=milvus_standalone.uri, milvus_token="root:not-the-password")
+    with pytest.raises(ServiceError) as told:
+        asyncio.run(wait_until_up(milvus_probe(s), time.monotonic() + 30, Backoff(0.1, 1.0)))
+    line = str(told.value)
+    assert "\n" not in line and "Milvus" in line and "rejected the token" in line and "auth" in line, line
+    assert "not-the-password" not in line

@@ -40,3 +40,36 @@ def test_retries_until_success_and_propagates_bugs():
 def test_backoff_grows_to_its_cap():
     b = Backoff(base_s=0.1, cap_s=1.0)
     assert 0.05 <= b.delay(0) <= 0.1 and 0.5 <= b.delay(10) <= 1.0
+
+
+def test_milvus_errors_that_no_retry_fixes_are_not_transient():
+    from pymilvus.exceptions import MilvusException, ParamError
+
+    class RpcError(Exception):
+        def __init__(self, name):
+            self._name = name
+
+        def code(self):
+            return type("Code", (), {"name": self._name})()
+
+    RpcError.__module__ = "grpc._channel"
+
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise outer from e
+        except BaseException as e:
+            return e
+
+    down = "Fail connecting to server on h:1, illegal connection params or server unavailable"
+    # an unreachable, restarting or slow Milvus: retried
+    assert transient(chained(MilvusException(2, down), RpcError("UNAVAILABLE")))
+    assert transient(MilvusException(101, "collection not loaded")) and transient(RpcError("DEADLINE_EXCEEDED"))
+    assert transient(MilvusException(1, "unexpected error")) and transient(RpcError("UNAVAILABLE"))
+    # a refused token (pymilvus hides gRPC's answer in the cause), a dropped collection, a bad request
+    assert not transient(chained(MilvusException(2, down), RpcError("UNAUTHENTICATED")))
+    assert not transient(MilvusException(100, "collection not found[collection=c]"))
+    assert not transient(MilvusException(1100, "invalid parameter")) and not transient(ParamError(message="bad"))
+    assert not transient(RpcError("PERMISSION_DENIED"))

@@ -337,6 +337,15 @@ def test_milvus_auth_errors_are_told_apart():
     assert milvus_auth_error(RpcError("UNAUTHENTICATED")) and milvus_auth_error(RpcError("PERMISSION_DENIED"))
     assert not milvus_auth_error(MilvusException(2, "Fail connecting to server on h:1, server unavailable"))
     assert not milvus_auth_error(RpcError("UNAVAILABLE"))
+    # pymilvus's own words for a refused login hide gRPC's answer in the cause
+    try:
+        try:
+            raise RpcError("UNAUTHENTICATED")
+        except RpcError as inner:
+            raise MilvusException(2, "Fail connecting to server on h:1, illegal connection params or server "
+                                     "unavailable") from inner
+    except MilvusException as outer:
+        assert milvus_auth_error(outer) is outer.__cause__
 
 
 def test_cause_names_the_type_once():
