@@ -9,6 +9,7 @@ one worker that owns the user's partition.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -48,6 +49,14 @@ def broker_credentials(settings: Settings) -> Optional[faust.auth.Credentials]:
                                      password=settings.kafka_sasl_password.get_secret_value(),
                                      mechanism=settings.kafka_sasl_mechanism, ssl_context=ctx)
     return faust.SSLCredentials(ctx) if ctx is not None else None
+
+
+def dead_letter_error(value: bytes) -> str:
+    """The error code of a dead letter (``streamrec.v1.DeadLetter``)."""
+    try:
+        return str(json.loads(value).get("error") or "unknown")
+    except (ValueError, AttributeError):
+        return "unknown"
 
 
 def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust.App:
@@ -99,19 +108,22 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         # Compute, publish, then write: a list is out before its event counts as applied.
         while True:
             t0 = time.perf_counter()
-            out = await retry_forever(lambda: process(raw), backoff, what=f"{name} batch", log=log)
+            out = await retry_forever(lambda: process(raw), backoff, what=f"{name} batch", log=log,
+                                      on_retry=metrics.retried)
             t1 = time.perf_counter()
-            await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log)
+            await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log,
+                                on_retry=metrics.retried)
             t2 = time.perf_counter()
             if name == "events":
                 metrics.add("process", t1 - t0)
                 metrics.add("publish", t2 - t1)
             try:
                 await retry_forever(lambda out=out: pipeline.commit(out), backoff, what=f"{name} commit",
-                                    log=log, is_transient=no_conflict)
+                                    log=log, is_transient=no_conflict, on_retry=metrics.retried)
                 break
             except ConflictError as exc:
                 log.info("%s batch: %s; processing it again", name, exc)
+        metrics.counted(out.stats, (dead_letter_error(v) for _, v in out.dead_letters))
         if name == "events":
             metrics.add("commit", time.perf_counter() - t2)
             metrics.batch(len(raw))
@@ -125,10 +137,12 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         ``REDO_WAIT_S``."""
         async def agent(stream: faust.StreamT) -> None:
             agents[name] = "running"
+            metrics.agent(name, True)
             try:
                 await batches(stream)
             except asyncio.CancelledError:
                 agents[name] = "stopped"
+                metrics.agent(name, False)
                 raise
             except Exception as exc:  # noqa: BLE001 - an error retry_forever does not retry
                 # Faust would start the agent again mid-stream, past events it took and never
@@ -136,6 +150,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                 # offsets, and say so (/health fails meanwhile).
                 said = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
                 agents[name] = f"crashed: {said}"
+                metrics.agent(name, False)
                 app.agent_errors.append(f"{name} agent: {said}")
                 log.critical("%s agent stopped on an error that no retry fixes: %s; stopping the worker (exit %d) "
                              "so that it is restarted from its last committed offsets", name, said,
@@ -155,7 +170,8 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                     if again:
                         waited = waiting_since is not None and time.monotonic() - waiting_since >= REDO_WAIT_S
                         take = await retry_forever(lambda raw=raw, waited=waited: pipeline.next_batch(
-                            raw, settings.batch_max, force=waited), backoff, what=f"{name} next batch", log=log)
+                            raw, settings.batch_max, force=waited), backoff, what=f"{name} next batch", log=log,
+                            on_retry=metrics.retried)
                         if take is None:
                             waiting_since = waiting_since or time.monotonic()
                             break
@@ -180,13 +196,27 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                 def health() -> dict:
                     return {"ok": bool(agents) and all(v == "running" for v in agents.values()), "agents": dict(agents)}
 
-                await serve(metrics, settings.metrics_host, settings.metrics_port, health)
+                def ready() -> dict:
+                    """Live, in the consumer group and not rebalancing (a worker beyond the partition
+                    count is ready with none: it stands by)."""
+                    live = health()
+                    return {"ok": live["ok"] and group["assigned"] and not app.rebalancing, "agents": live["agents"],
+                            "partitions": group["partitions"], "rebalancing": bool(app.rebalancing)}
+
+                await serve(metrics, settings.metrics_host, settings.metrics_port, health, ready)
 
         app.agent(catalog, name="catalog", concurrency=1)(consume("catalog", pipeline.process_catalog))
         app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events, again=True))
         app.agent(requests, name="requests", concurrency=1)(consume("requests", pipeline.process_requests))
 
+        group = {"assigned": False, "partitions": 0}
+
         @app.on_partitions_revoked.connect
         async def partitions_moved(*args, **kwargs) -> None:  # another worker may begin batches on them
             pipeline.lose_positions()
+
+        @app.on_partitions_assigned.connect
+        async def partitions_assigned(*args, **kwargs) -> None:  # Faust sends (app, assigned)
+            assigned = kwargs.get("assigned", args[-1] if args else ())
+            group.update(assigned=True, partitions=len(assigned))
     return app

@@ -5,6 +5,9 @@ Stages: ``parse`` (decode and validate), ``redis`` (every profile store call), `
 item index call), ``encoder``, ``ranking`` (features, scores, lists), ``process`` (a batch's
 compute: parse, ranking and the reads), ``publish`` (until the broker confirms) and ``commit`` (the
 batch's Redis writes, also counted in ``redis``).
+
+Beside them: the worker's counters as ``streamrec stats`` names them (``streamrec_stats_total``),
+dead letters by error code, retried calls by what was called, and whether each agent runs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 log = logging.getLogger("streamrec.metrics")
 
@@ -24,7 +27,8 @@ STAGES = ("parse", "redis", "milvus", "encoder", "ranking", "process", "publish"
 
 class Metrics:
     """The worker's metrics in their own ``prometheus_client`` registry: a latency histogram per
-    stage (``streamrec_stage_seconds``), batches and events done, and the last batch's time."""
+    stage (``streamrec_stage_seconds``), batches and events done, the last batch's time, the
+    counters of the batches done, dead letters by code, retries, and agents running."""
 
     BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -42,8 +46,19 @@ class Metrics:
         self.probes = Counter("streamrec_exclusion_probes", "Searches of lists with long seen sets: answered by "
                               "a plain search (hit) or by a filtered one after it (miss).", ["outcome"],
                               registry=self.registry)
+        self._stats = Counter("streamrec_stats", "The worker's counters (the names of `streamrec stats`: events_in, "
+                              "events_applied, redelivered, dead_letters, recommendations_out, ...) for the "
+                              "batches this process completed.", ["name"], registry=self.registry)
+        self._dead = Counter("streamrec_dead_letters", "Messages sent to the dead-letter topic, by error code.",
+                             ["error"], registry=self.registry)
+        self._retries = Counter("streamrec_retries", "Failed tries of a call, retried after a backoff (a store, "
+                                "the encoder or the broker unavailable).", ["call"], registry=self.registry)
+        self._agents = Gauge("streamrec_agent_up", "1 while the agent consumes, 0 once it stopped or crashed.",
+                             ["agent"], registry=self.registry)
         for st in STAGES:
             self._stages.labels(st)
+        for name in ("events_in", "events_applied", "redelivered", "dead_letters", "recommendations_out"):
+            self._stats.labels(name)
         for outcome in ("hit", "miss"):
             self.probes.labels(outcome)
         self.started = time.time()
@@ -65,6 +80,20 @@ class Metrics:
         self._events.inc(events)
         self.last_batch_time = time.time()
         self._last.set(self.last_batch_time)
+
+    def counted(self, stats: dict[str, int], dead_letter_errors: Iterable[str] = ()) -> None:
+        """A completed batch's counters, and the error code of each of its dead letters."""
+        for name, n in stats.items():
+            if n:
+                self._stats.labels(name).inc(n)
+        for error in dead_letter_errors:
+            self._dead.labels(error).inc()
+
+    def retried(self, call: str) -> None:
+        self._retries.labels(call).inc()
+
+    def agent(self, name: str, up: bool) -> None:
+        self._agents.labels(name).set(1 if up else 0)
 
     def snapshot(self) -> dict[str, Any]:
         """Seconds and calls per stage, batches and events (from the registry)."""
@@ -118,9 +147,10 @@ class Timed:
         return timed
 
 
-async def serve(metrics: Metrics, host: str, port: int, health: Callable[[], dict]) -> Any:
-    """Serve ``/metrics`` and ``/health`` (JSON; HTTP 503 while not ``ok``) until cancelled; returns
-    the aiohttp runner."""
+async def serve(metrics: Metrics, host: str, port: int, health: Callable[[], dict],
+                ready: Optional[Callable[[], dict]] = None) -> Any:
+    """Serve ``/metrics``, ``/health`` (liveness) and ``/ready`` (readiness), the last two as JSON
+    with HTTP 503 while not ``ok``, until cancelled; returns the aiohttp runner."""
     from aiohttp import web
 
     async def metrics_handler(request: web.Request) -> web.Response:
@@ -131,13 +161,19 @@ async def serve(metrics: Metrics, host: str, port: int, health: Callable[[], dic
         return web.Response(text=json.dumps(body), content_type="application/json",
                             status=200 if body.get("ok") else 503)
 
+    async def ready_handler(request: web.Request) -> web.Response:
+        body = (ready or health)()
+        return web.Response(text=json.dumps(body), content_type="application/json",
+                            status=200 if body.get("ok") else 503)
+
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/health", health_handler)
+    app.router.add_get("/ready", ready_handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    log.info("metrics on http://%s:%d/metrics, health on /health", host, port)
+    log.info("metrics on http://%s:%d/metrics, /health and /ready", host, port)
     return runner
 
 

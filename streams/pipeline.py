@@ -240,6 +240,15 @@ class Pipeline:
 
     # -- catalog -------------------------------------------------------------------------------
 
+    async def _encode_catalog(self, texts: list[str]) -> np.ndarray:
+        """Encode catalog texts one encoder batch at a time: the encoder runs one job at a time, in
+        order, so a query's text waits behind at most one catalog chunk, not a whole catalog batch.
+        Chunks are the encoder's own batches, so the vectors are the same as in one call."""
+        step = max(1, int(getattr(self.encoder, "batch_size", 0) or 64))
+        parts = [await self._run(self.encoder.encode, texts[i:i + step], encoder=True)
+                 for i in range(0, len(texts), step)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), dtype=np.float32)
+
     async def process_catalog(self, batch: Sequence[RawMessage]) -> Output:
         """Number, encode and index upserted items, remove deleted ones (all idempotent)."""
         out = Output()
@@ -259,7 +268,7 @@ class Pipeline:
         deletes = [(m, r) for m, r in last.values() if isinstance(r, ItemDelete)]
         if upserts:
             numbers = await self.profiles.number_items([r.item_id for _, r in upserts])
-            vectors = await self._run(self.encoder.encode, [r.text() for _, r in upserts], encoder=True)
+            vectors = await self._encode_catalog([r.text() for _, r in upserts])
             rows = [ItemRow(r.item_id, v, r.title, r.category, tuple(r.scenes), r.available, r.timestamp,
                             numbers[r.item_id]) for (_, r), v in zip(upserts, vectors, strict=True)]
             await self._run(self.items.upsert, rows)

@@ -68,8 +68,10 @@ class Backoff:
 
 async def retry_forever(fn: Callable[[], Awaitable[T]], backoff: Backoff, *, what: str,
                         log: Optional[logging.Logger] = None,
-                        is_transient: Callable[[BaseException], bool] = transient) -> T:
-    """Await ``fn()`` until it succeeds, waiting ``backoff`` between tries of transient errors.
+                        is_transient: Callable[[BaseException], bool] = transient,
+                        on_retry: Optional[Callable[[str], None]] = None) -> T:
+    """Await ``fn()`` until it succeeds, waiting ``backoff`` between tries of transient errors
+    (each told to ``on_retry(what)``, e.g. a metric).
 
     A batch is never acked before its side effects are done, so waiting for a service to come
     back is the right thing to do; a non-transient error propagates.
@@ -84,5 +86,7 @@ async def retry_forever(fn: Callable[[], Awaitable[T]], backoff: Backoff, *, wha
             wait = backoff.delay(attempt)
             if log is not None:
                 log.warning("%s failed (%s: %s); retry %d in %.2f s", what, type(exc).__name__, exc, attempt + 1, wait)
+            if on_retry is not None:
+                on_retry(what)
             attempt += 1
             await asyncio.sleep(wait)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -36,11 +35,17 @@ def _settings():
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from workers.kafka_broker import KafkaUnavailable
     from workers.stack import Stack
 
     settings = _settings()
-    stack = Stack(Path(args.data_dir or settings.data_dir), args.kafka_port, args.redis_port, args.milvus_port)
-    stack.start()
+    stack = Stack(Path(args.data_dir or settings.data_dir), args.kafka_port, args.redis_port, args.milvus_port,
+                  broker=args.broker)
+    try:
+        stack.start()
+    except KafkaUnavailable as exc:
+        print(f"streamrec up: Apache Kafka not started: {exc} (`--broker tansu` needs no Java)", file=sys.stderr)
+        return 1
     print(json.dumps({"kafka": stack.kafka_bootstrap, "redis": stack.redis_url, "milvus": stack.milvus_uri,
                       "versions": stack.versions}), flush=True)
     for k, v in stack.env().items():
@@ -59,12 +64,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import logging.config
+
+    from streams.logs import logging_config
     from streams.stores.items import EncoderMismatch
     from workers.preflight import ServiceError
     from workers.worker import run_worker
 
     settings = _settings()
-    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.config.dictConfig(logging_config(args.loglevel, settings.log_format))
     logging.getLogger("streamrec.worker").info("settings: %s", json.dumps(settings.masked()))
     try:
         run_worker(settings, args.loglevel)
@@ -235,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kafka-port", type=int, default=9092)
     up.add_argument("--redis-port", type=int, default=6379)
     up.add_argument("--milvus-port", type=int, default=19530)
+    up.add_argument("--broker", choices=("tansu", "apache-kafka"), default="tansu",
+                    help="tansu (a single binary, the default) or apache-kafka (the real Apache Kafka in KRaft mode on "
+                         "Java 17, its jars fetched once from Maven Central: every Kafka client works with it)")
     up.set_defaults(func=cmd_up)
 
     w = sub.add_parser("worker", help="run the Faust worker against the broker, Redis and Milvus of the settings")

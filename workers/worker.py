@@ -57,7 +57,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     pipeline = build_pipeline(settings)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = create_app(settings, pipeline)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    from streams.logs import logging_config
+
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, logging_config=logging_config(loglevel, settings.log_format))
     try:
         worker.execute_from_commandline()
     finally:

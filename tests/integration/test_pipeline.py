@@ -215,7 +215,8 @@ def test_a_forgotten_user_is_deleted_gets_nothing_and_starts_afresh_on_return(ha
 
 
 def test_a_running_worker_serves_metrics_and_health(stack, tmp_path):
-    """/metrics counts every event of the stream, with time in each stage; /health names the agents."""
+    """/metrics counts every event of the stream, with time in each stage, the worker's counters
+    and dead letters by code; /health names the agents; /ready says the worker holds its partitions."""
     import urllib.request
 
     from streams.metrics import parse_metrics
@@ -243,9 +244,23 @@ def test_a_running_worker_serves_metrics_and_health(stack, tmp_path):
         assert got["streamrec_events_total"] == 7 and got["streamrec_batches_total"] >= 1
         for stage in ("parse", "redis", "milvus", "encoder", "ranking", "process", "publish", "commit"):
             assert got[f'streamrec_stage_seconds_count{{stage="{stage}"}}'] > 0, stage
+        # the worker's counters, as `streamrec stats` has them, and dead letters by code
+        h.send([], raw=[(b"m0", b"{not json")])
+        wait_for(lambda: parse_metrics(get("/metrics")[1]).get('streamrec_stats_total{name="dead_letters"}', 0) >= 1,
+                 "the dead letter counted", 30, h.worker.proc, h.worker.log_path)
+        got = parse_metrics(get("/metrics")[1])
+        stats = h.stats()
+        for name in ("events_in", "events_applied", "dead_letters", "recommendations_out", "items_upserted"):
+            assert got[f'streamrec_stats_total{{name="{name}"}}'] == stats[name], name
+        assert got['streamrec_stats_total{name="events_in"}'] == 8 and stats["events_applied"] == 7
+        assert got['streamrec_dead_letters_total{error="bad_json"}'] == 1
+        assert all(got[f'streamrec_agent_up{{agent="{a}"}}'] == 1 for a in ("catalog", "events", "requests"))
         status, body = get("/health")
         health = json.loads(body)
         assert status == 200 and health["ok"], health
         assert health["agents"] == {"catalog": "running", "events": "running", "requests": "running"}
+        status, body = get("/ready")
+        ready = json.loads(body)
+        assert status == 200 and ready["ok"] and ready["partitions"] == 3 * h.settings.topic_partitions, ready
     finally:
         h.close()

@@ -227,3 +227,30 @@ def test_example_keeps_secrets_empty():
             assert value == "", f"line {n}: {var} holds a value"
         if "://" in value:
             assert "@" not in value, f"line {n}: {var} holds credentials"
+
+
+def test_prometheus_scrapes_the_port_the_compose_workers_serve(worker_env):
+    prom = yaml.safe_load((COMPOSE.parent / "monitoring" / "prometheus.yml").read_text())
+    (job,) = prom["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["dns_sd_configs"][0]["port"] == int(worker_env["STREAMREC_METRICS_PORT"])
+    assert job["dns_sd_configs"][0]["names"] == ["worker"]
+    assert worker_env["STREAMREC_METRICS_HOST"] == "0.0.0.0"  # reachable from the Prometheus container
+
+
+def test_the_dashboard_charts_only_metrics_the_worker_exports():
+    import json
+    import re
+
+    from streams.metrics import Metrics
+
+    m = Metrics()
+    m.counted({"events_in": 1}, ["bad_json"])
+    m.retried("events batch")
+    m.agent("events", True)
+    exported = {line.split("{")[0].split(" ")[0] for line in m.render().splitlines() if line and not line[0] == "#"}
+    dash = json.loads((COMPOSE.parent / "monitoring" / "grafana" / "streamrec.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b(streamrec_[a-z_]+)", e)}
+    assert len(dash["panels"]) >= 8 and used
+    assert used <= exported, used - exported

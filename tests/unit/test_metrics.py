@@ -51,3 +51,56 @@ def test_exposition_parses_back_with_every_stage_and_the_batch_counters():
     assert got['streamrec_stage_seconds_bucket{le="0.1",stage="publish"}'] == 0
     assert all(f'streamrec_stage_seconds_count{{stage="{st}"}}' in got for st in STAGES)
     assert got["streamrec_last_batch_time_seconds"] == pytest.approx(m.last_batch_time)
+
+
+def test_counters_dead_letters_by_code_retries_and_agents():
+    m = Metrics()
+    m.counted({"events_in": 5, "events_applied": 3, "dead_letters": 2, "redelivered": 0},
+              ["bad_json", "unknown_item"])
+    m.counted({"events_in": 1, "dead_letters": 1}, iter(["bad_json"]))
+    m.retried("events commit")
+    m.retried("events commit")
+    m.agent("events", True)
+    m.agent("catalog", False)
+    got = parse_metrics(m.render())
+    assert got['streamrec_stats_total{name="events_in"}'] == 6
+    assert got['streamrec_stats_total{name="events_applied"}'] == 3
+    assert got['streamrec_stats_total{name="redelivered"}'] == 0  # present from the start
+    assert got['streamrec_dead_letters_total{error="bad_json"}'] == 2
+    assert got['streamrec_dead_letters_total{error="unknown_item"}'] == 1
+    assert got['streamrec_retries_total{call="events commit"}'] == 2
+    assert got['streamrec_agent_up{agent="events"}'] == 1 and got['streamrec_agent_up{agent="catalog"}'] == 0
+
+
+def test_a_dead_letters_code_is_read_from_its_record():
+    from streams.app import dead_letter_error
+
+    assert dead_letter_error(b'{"schema": "streamrec.v1.DeadLetter", "error": "bad_json"}') == "bad_json"
+    assert dead_letter_error(b"not json") == "unknown" and dead_letter_error(b"[1]") == "unknown"
+
+
+def test_ready_is_served_apart_from_health():
+    import json
+    import urllib.request
+
+    from streams.metrics import serve
+    from workers.stack import free_port
+
+    port = free_port()
+
+    async def go():
+        runner = await serve(Metrics(), "127.0.0.1", port, lambda: {"ok": True}, lambda: {"ok": False, "partitions": 0})
+
+        def get(path):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+        try:
+            return await asyncio.to_thread(get, "/health"), await asyncio.to_thread(get, "/ready")
+        finally:
+            await runner.cleanup()
+
+    (hs, hb), (rs, rb) = asyncio.run(go())
+    assert hs == 200 and hb["ok"] and rs == 503 and rb == {"ok": False, "partitions": 0}

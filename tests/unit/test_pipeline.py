@@ -457,3 +457,48 @@ def test_a_profile_of_another_encoder_keeps_its_history_but_not_its_vectors(pipe
     p = asyncio.run(pipeline.load_profiles(["u"]))["u"]
     assert p.long is None and p.short is None and p.seen == stored.seen and p.history == stored.history
     assert "holds vectors of encoder" in caplog.text
+
+
+def test_a_query_waits_behind_one_catalog_chunk_not_the_whole_catalog_batch():
+    """The encoder runs one job at a time: catalog texts go in chunks of its batch size, so a
+    query's text submitted during catalog ingest is encoded after the chunk in progress."""
+    import threading
+
+    class Recording(WordHashEncoder):
+        batch_size = 16
+
+        def __init__(self):
+            self.calls: list[int] = []
+            self.first_chunk_started = threading.Event()
+            self.query_submitted = threading.Event()
+
+        def encode(self, texts):
+            self.calls.append(len(texts))
+            if len(self.calls) == 1:
+                self.first_chunk_started.set()
+                assert self.query_submitted.wait(10)
+            return super().encode(texts)
+
+    enc = Recording()
+    p = Pipeline(open_profile_store("memory://"), open_item_index("memory://", enc.dim), enc, ModelParams(),
+                 Limits(), k=5, item_cache=ItemCache(100, 60.0), clock=lambda: CLOCK[0])
+    from schemas.validate import parse_catalog
+
+    whole = WordHashEncoder().encode([parse_catalog(json.dumps(it).encode(), Limits(), CLOCK[0]).text()
+                                      for it in CATALOG[:64]])
+    query = msgs([{"type": "query", "event_id": "q-during", "user_id": "qq", "text": "jazz piano", "timestamp": 1.0}])
+
+    async def go():
+        catalog = asyncio.ensure_future(p.process_catalog(msgs(CATALOG[:64], "catalog")))
+        await asyncio.to_thread(enc.first_chunk_started.wait, 10)
+        events = asyncio.ensure_future(p.process_events(query))
+        while p._encode_executor._work_queue.qsize() < 1:  # until the query's encoder job is queued
+            await asyncio.sleep(0.001)
+        enc.query_submitted.set()
+        return await catalog, await events
+
+    cat_out, ev_out = asyncio.run(go())
+    assert enc.calls == [16, 1, 16, 16, 16]  # the query after the first chunk, not after all 64 texts
+    assert cat_out.stats["items_upserted"] == 64 and len(ev_out.recommendations) == 1
+    got = p.items.get([it["item_id"] for it in CATALOG[:64]])
+    assert np.allclose(np.stack([got[it["item_id"]].vector for it in CATALOG[:64]]), whole)
