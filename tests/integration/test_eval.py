@@ -92,16 +92,16 @@ def fresh_settings() -> Settings:
 
 def test_lists_never_see_the_future(stack, tmp_path):
     """One event in flight at a time, so batching is the same in both runs: the lists for the first
-    60 events are the same whether or not 30 more events follow them (popularity and co-clicks
+    40 events are the same whether or not 20 more events follow them (popularity and co-clicks
     on, as by default)."""
     write_dataset(tmp_path / "data", n_items=48, users=8, per_user=12)
     lists = []
-    for n in (60, 90):
+    for n in (40, 60):
         ds = load_dataset(tmp_path / "data", "jsonl", limit_events=n)
         out = tmp_path / f"out{n}"
         run_eval(fresh_settings(), ds, out, EvalOptions(k=5, in_flight=1, peers=("random",)),
                  data_dir=str(tmp_path / f"w{n}"), stack=stack)
         with gzip.open(out / "lists.jsonl.gz", "rt") as fh:
             lists.append([json.loads(line) for line in fh])
-    assert len(lists[0]) == 60 and len(lists[1]) == 90
-    assert lists[1][:60] == lists[0] and all(r["items"] for r in lists[0])
+    assert len(lists[0]) == 40 and len(lists[1]) == 60
+    assert lists[1][:40] == lists[0] and all(r["items"] for r in lists[0])
