@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -32,26 +32,36 @@ PYMILVUS_PERMANENT = frozenset({"ParamError", "DataTypeNotMatchException", "Data
                                 "AutoIDException", "InvalidConsistencyLevel", "UpsertAutoIDTrueException"})
 
 
+def error_chain(exc: Optional[BaseException]) -> Iterator[BaseException]:
+    """``exc`` and its causes (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def error_code(exc: BaseException) -> Any:
+    """An error's ``code``: Milvus's number, or gRPC's status (``code()``, a method there)."""
+    code = getattr(exc, "code", None)
+    try:
+        return code() if callable(code) else code
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def milvus_permanent(exc: BaseException) -> bool:
     """A pymilvus or gRPC error that no retry fixes: a refused token or privilege (anywhere in its
     chain), a missing collection, an invalid request. An unreachable or restarting Milvus, a
     timeout, a released collection are transient."""
-    seen: set[int] = set()
-    e: Optional[BaseException] = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        code = getattr(e, "code", None)
-        try:
-            code = code() if callable(code) else code  # grpc.RpcError.code() is a method
-        except Exception:  # noqa: BLE001
-            code = None
+    for e in error_chain(exc):
+        code = error_code(e)
         if getattr(code, "name", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT"):
             return True
         if isinstance(code, int) and code in MILVUS_PERMANENT_CODES:
             return True
         if type(e).__name__ in PYMILVUS_PERMANENT:
             return True
-        e = e.__cause__ or e.__context__
     return False
 
 

@@ -150,19 +150,13 @@ def milvus_auth_error(exc: BaseException) -> Optional[BaseException]:
     """The error in ``exc``'s chain (itself or a cause) where Milvus or gRPC says the token was not
     accepted; ``None`` if none is. pymilvus turns a refused login into "Fail connecting ... illegal
     connection params or server unavailable", with gRPC's UNAUTHENTICATED as its cause."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        code = getattr(exc, "code", None)
-        try:
-            code = code() if callable(code) else code  # grpc.RpcError.code() is a method
-        except Exception:  # noqa: BLE001
-            code = None
-        if getattr(code, "name", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-            return exc
-        if _MILVUS_AUTH.search(str(getattr(exc, "message", "")) or str(exc)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
+    from streams.retry import error_chain, error_code
+
+    for e in error_chain(exc):
+        if getattr(error_code(e), "name", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            return e
+        if _MILVUS_AUTH.search(str(getattr(e, "message", "")) or str(e)):
+            return e
     return None
 
 
