@@ -203,7 +203,18 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                     return {"ok": live["ok"] and group["assigned"] and not app.rebalancing, "agents": live["agents"],
                             "partitions": group["partitions"], "rebalancing": bool(app.rebalancing)}
 
-                await serve(metrics, settings.metrics_host, settings.metrics_port, health, ready)
+                def lag() -> None:
+                    consumer = app.consumer
+                    # Faust keeps the committed offsets (the next to read) with no public view
+                    committed = getattr(consumer, "_committed_offset", {})
+                    lags = {}
+                    for tp in consumer.assignment():
+                        high = consumer.highwater(tp)  # the next offset to be written
+                        if high is not None:
+                            lags[(tp.topic, tp.partition)] = high - (committed.get(tp) or 0)
+                    metrics.lag(lags)
+
+                await serve(metrics, settings.metrics_host, settings.metrics_port, health, ready, lag)
 
         app.agent(catalog, name="catalog", concurrency=1)(consume("catalog", pipeline.process_catalog))
         app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events, again=True))

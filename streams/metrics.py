@@ -55,6 +55,9 @@ class Metrics:
                                 "the encoder or the broker unavailable).", ["call"], registry=self.registry)
         self._agents = Gauge("streamrec_agent_up", "1 while the agent consumes, 0 once it stopped or crashed.",
                              ["agent"], registry=self.registry)
+        self._lag = Gauge("streamrec_consumer_lag", "Messages in an assigned partition after the worker's last "
+                          "committed offset (its high watermark minus that position), at scrape time.",
+                          ["topic", "partition"], registry=self.registry)
         for st in STAGES:
             self._stages.labels(st)
         for name in ("events_in", "events_applied", "redelivered", "dead_letters", "recommendations_out"):
@@ -94,6 +97,12 @@ class Metrics:
 
     def agent(self, name: str, up: bool) -> None:
         self._agents.labels(name).set(1 if up else 0)
+
+    def lag(self, lags: dict[tuple[str, int], int]) -> None:
+        """The consumer lag of each assigned partition (partitions no longer assigned drop out)."""
+        self._lag.clear()
+        for (topic, partition), n in lags.items():
+            self._lag.labels(topic, str(partition)).set(max(0, n))
 
     def snapshot(self) -> dict[str, Any]:
         """Seconds and calls per stage, batches and events (from the registry)."""
@@ -148,12 +157,19 @@ class Timed:
 
 
 async def serve(metrics: Metrics, host: str, port: int, health: Callable[[], dict],
-                ready: Optional[Callable[[], dict]] = None) -> Any:
-    """Serve ``/metrics``, ``/health`` (liveness) and ``/ready`` (readiness), the last two as JSON
-    with HTTP 503 while not ``ok``, until cancelled; returns the aiohttp runner."""
+                ready: Optional[Callable[[], dict]] = None,
+                refresh: Optional[Callable[[], None]] = None) -> Any:
+    """Serve ``/metrics`` (after ``refresh()``, which updates what is read at scrape time),
+    ``/health`` (liveness) and ``/ready`` (readiness), the last two as JSON with HTTP 503 while
+    not ``ok``, until cancelled; returns the aiohttp runner."""
     from aiohttp import web
 
     async def metrics_handler(request: web.Request) -> web.Response:
+        if refresh is not None:
+            try:
+                refresh()
+            except Exception:  # noqa: BLE001 - the other metrics still go out
+                log.debug("metrics refresh failed", exc_info=True)
         return web.Response(text=metrics.render(), content_type="text/plain")
 
     async def health_handler(request: web.Request) -> web.Response:

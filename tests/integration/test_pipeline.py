@@ -259,6 +259,13 @@ def test_a_running_worker_serves_metrics_and_health(stack, tmp_path):
         health = json.loads(body)
         assert status == 200 and health["ok"], health
         assert health["agents"] == {"catalog": "running", "events": "running", "requests": "running"}
+        # consumer lag per assigned partition, at scrape time: nothing left once the offsets are committed
+        def lags() -> dict[str, float]:
+            return {k: v for k, v in parse_metrics(get("/metrics")[1]).items() if k.startswith("streamrec_consumer_lag")}
+
+        wait_for(lambda: len(lags()) == 3 * h.settings.topic_partitions and sum(lags().values()) == 0,
+                 "every partition's lag at 0", 30, h.worker.proc, h.worker.log_path)
+        assert f'streamrec_consumer_lag{{partition="0",topic="{h.settings.topic_events}"}}' in lags()
         status, body = get("/ready")
         ready = json.loads(body)
         assert status == 200 and ready["ok"] and ready["partitions"] == 3 * h.settings.topic_partitions, ready

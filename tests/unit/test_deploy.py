@@ -248,6 +248,7 @@ def test_the_dashboard_charts_only_metrics_the_worker_exports():
     m.counted({"events_in": 1}, ["bad_json"])
     m.retried("events batch")
     m.agent("events", True)
+    m.lag({("streamrec.events", 0): 3})
     exported = {line.split("{")[0].split(" ")[0] for line in m.render().splitlines() if line and not line[0] == "#"}
     dash = json.loads((COMPOSE.parent / "monitoring" / "grafana" / "streamrec.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]

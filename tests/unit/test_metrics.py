@@ -70,6 +70,12 @@ def test_counters_dead_letters_by_code_retries_and_agents():
     assert got['streamrec_dead_letters_total{error="unknown_item"}'] == 1
     assert got['streamrec_retries_total{call="events commit"}'] == 2
     assert got['streamrec_agent_up{agent="events"}'] == 1 and got['streamrec_agent_up{agent="catalog"}'] == 0
+    m.lag({("t.events", 0): 5, ("t.events", 1): 0})
+    m.lag({("t.events", 1): 2, ("t.catalog", 0): -1})  # a partition moved away; never below 0
+    got = parse_metrics(m.render())
+    lags = {k: v for k, v in got.items() if k.startswith("streamrec_consumer_lag")}
+    assert lags == {'streamrec_consumer_lag{partition="1",topic="t.events"}': 2,
+                    'streamrec_consumer_lag{partition="0",topic="t.catalog"}': 0}
 
 
 def test_a_dead_letters_code_is_read_from_its_record():
