@@ -23,7 +23,7 @@ from streams.pipeline import Output, Pipeline, RawMessage
 from streams.retry import Backoff, retry_forever, transient
 from streams.stores.profiles import ConflictError
 from streams.transport import App
-from workers.settings import Settings
+from streams.settings import Settings
 
 log = logging.getLogger("streamrec.agents")
 
@@ -221,6 +221,11 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         app.agent(requests, name="requests", concurrency=1)(consume("requests", pipeline.process_requests))
 
         group = {"assigned": False, "partitions": 0}
+
+        @app.on_before_shutdown.connect
+        async def close_clients(*args, **kwargs) -> None:  # the consumer has stopped: no batch runs now
+            await pipeline.close()
+            log.info("closed the stores, the catalog gate's client and the thread pools")
 
         @app.on_partitions_revoked.connect
         async def partitions_moved(*args, **kwargs) -> None:  # another worker may begin batches on them

@@ -233,6 +233,23 @@ class Pipeline:
         self._next: dict[str, int] = {}  # per source, the offset after this worker's last batch
         self._redo: dict[str, int] = {}  # a batch to take again: per source, its last offset
         self._applied: dict[str, int] = {}  # per source, the published offset read with it
+        self.closers: list[Callable[[], Any]] = []  # what else :meth:`close` closes (e.g. a gate's client)
+
+    async def close(self) -> None:
+        """Close the stores, the other clients given in ``closers`` and the thread pools (at
+        shutdown, once no batch runs). Each is closed even if another fails."""
+        async def _items() -> None:
+            self.items.close()
+
+        for close in (self.profiles.close, _items, *self.closers):
+            try:
+                got = close()
+                if asyncio.iscoroutine(got):
+                    await got
+            except Exception:  # noqa: BLE001 - the rest still close
+                log.warning("closing %r failed", close, exc_info=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._encode_executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, fn: Callable, *args: Any, encoder: bool = False) -> Any:
         loop = asyncio.get_running_loop()

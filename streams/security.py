@@ -8,7 +8,7 @@ import ssl
 from typing import Any, Optional
 from urllib.parse import unquote, urlsplit
 
-from workers.settings import Settings, mask_url
+from streams.settings import Settings, mask_url
 
 
 def kafka_sasl(settings: Settings) -> bool:

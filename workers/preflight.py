@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Optional
 
 from streams.retry import Backoff
 from streams.security import describe_kafka, describe_redis, redis_options
-from workers.settings import Settings, mask_url
+from streams.settings import Settings, mask_url
 
 
 class ServiceError(RuntimeError):

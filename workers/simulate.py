@@ -17,8 +17,8 @@ import numpy as np
 from models.params import ModelParams
 from schemas import Limits
 from streams.pipeline import ItemCache, Pipeline, RawMessage
-from streams.stores.items import open_item_index
-from streams.stores.profiles import StoreOptions, open_profile_store
+from streams.stores import open_item_index
+from streams.stores import StoreOptions, open_profile_store
 
 
 class CachedEncoder:

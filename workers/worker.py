@@ -31,8 +31,11 @@ def build_pipeline(settings: Settings):
 
     offsets = KafkaEventLog.from_settings(settings, client_id=f"{settings.app_id}-catalog-gate")
     gate = CatalogGate(lambda: offsets.end_offsets(settings.topic_catalog), profiles)
-    return Pipeline(profiles, items, encoder, settings.model, Limits.from_settings(settings), k=settings.k,
-                    item_cache=ItemCache(settings.item_cache_size, settings.item_cache_ttl_s), catalog_caught_up=gate)
+    pipeline = Pipeline(profiles, items, encoder, settings.model, Limits.from_settings(settings), k=settings.k,
+                        item_cache=ItemCache(settings.item_cache_size, settings.item_cache_ttl_s),
+                        catalog_caught_up=gate)
+    pipeline.closers.append(offsets.close)
+    return pipeline
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

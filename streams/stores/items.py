@@ -132,19 +132,4 @@ class EncoderMismatch(ValueError):
     """The index holds vectors of another encoder than the one given: they must never be mixed."""
 
 
-def open_item_index(uri: str, dim: int, collection: str = "streamrec_items", token: str = "",
-                    consistency: str = "Strong", index_type: str = "FLAT", flush_writes: bool = True,
-                    timeout_s: float = 30.0, encoder: str = "") -> ItemIndex:
-    """The item index at ``uri`` for vectors of ``dim`` dimensions made by ``encoder`` (its version:
-    a new collection records it, an existing one of another encoder raises :class:`EncoderMismatch`)."""
-    if uri.startswith("memory://"):
-        return MemoryItemIndex(dim)
-    if uri.startswith(("http://", "https://", "tcp://", "unix:")) or uri.endswith(".db"):
-        from streams.stores.milvus_items import MilvusItemIndex
-
-        return MilvusItemIndex(uri, dim, collection, token=token, consistency=consistency, index_type=index_type,
-                               flush_writes=flush_writes, timeout_s=timeout_s, encoder=encoder)
-    raise ValueError(f"no item index for URI {uri!r} (use http(s)://host:port, a .db file, or memory://)")
-
-
-__all__ = ["EncoderMismatch", "ItemIndex", "ItemRow", "MemoryItemIndex", "open_item_index"]
+__all__ = ["EncoderMismatch", "ItemIndex", "ItemRow", "MemoryItemIndex"]

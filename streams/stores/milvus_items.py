@@ -9,7 +9,7 @@ from typing import Callable, Collection, Sequence, TypeVar
 import numpy as np
 
 from models.ranking import Candidate
-from streams.stores.items import ItemIndex, ItemRow
+from streams.stores.items import EncoderMismatch, ItemIndex, ItemRow
 
 T = TypeVar("T")
 _OUT = ["title", "category", "scenes", "vector", "available", "no"]
@@ -65,8 +65,6 @@ class MilvusItemIndex(ItemIndex):
 
     def _check_and_load(self) -> None:
         """Refuse a collection of another dimension (two encoders' vectors must never mix); load it."""
-        from streams.stores.items import EncoderMismatch
-
         desc = self.client.describe_collection(self.collection)
         fields = {f["name"]: f for f in desc["fields"]}
         if "no" not in fields:

@@ -240,21 +240,3 @@ class StoreOptions:
     forget_ttl_s: float = 7 * 86400.0  # how long a forgotten user's tombstone recognises redeliveries
     wait_replicas: int = 0  # writes wait for this many replicas (Redis WAIT) before a batch is acked
     newest_keep: int = 10_000
-
-
-def open_profile_store(url: str, key_prefix: str = "streamrec", options: StoreOptions = StoreOptions(),
-                       redis_options: Optional[dict] = None) -> ProfileStore:
-    """The profile store for ``url``: ``redis://``, ``rediss://``, ``unix://`` (one Redis),
-    ``redis+cluster://host:port[,host:port]`` (a Redis Cluster; ``rediss+cluster://`` for TLS) or
-    ``memory://``; ``redis_options`` are further redis-py arguments (credentials, TLS files)."""
-    scheme = url.split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
-        from streams.stores.redis_profiles import RedisProfileStore
-
-        return RedisProfileStore(url, key_prefix, options, redis_options=redis_options)
-    if scheme == "memory":
-        from streams.stores.memory_profiles import MemoryProfileStore
-
-        return MemoryProfileStore(options)
-    raise ValueError(f"no profile store for URL scheme {scheme!r} (use redis://, rediss://, unix://, "
-                     f"redis+cluster:// or memory://)")

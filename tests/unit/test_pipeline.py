@@ -502,3 +502,23 @@ def test_a_query_waits_behind_one_catalog_chunk_not_the_whole_catalog_batch():
     assert cat_out.stats["items_upserted"] == 64 and len(ev_out.recommendations) == 1
     got = p.items.get([it["item_id"] for it in CATALOG[:64]])
     assert np.allclose(np.stack([got[it["item_id"]].vector for it in CATALOG[:64]]), whole)
+
+
+def test_close_closes_the_stores_the_other_clients_and_the_pools_even_when_one_fails():
+    p = make_pipeline()
+    closed = []
+
+    async def profiles_close():
+        closed.append("profiles")
+
+    def failing():
+        closed.append("gate")
+        raise RuntimeError("already closed")
+
+    p.profiles._target.close = profiles_close
+    p.items._target.close = lambda: closed.append("items")
+    p.closers += [failing, lambda: closed.append("other")]
+    asyncio.run(p.close())
+    assert closed == ["profiles", "items", "gate", "other"]
+    with pytest.raises(RuntimeError):  # the pools take no more work
+        p.executor.submit(print)
