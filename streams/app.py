@@ -113,6 +113,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
             t1 = time.perf_counter()
             await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log,
                                 on_retry=metrics.retried)
+            view.observe(out.recommendations)
             t2 = time.perf_counter()
             if name == "events":
                 metrics.add("process", t1 - t0)
@@ -185,7 +186,10 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         return agent
 
     if pipeline is not None:
+        from streams.ui import LiveView, user_view
+
         metrics = pipeline.metrics
+        view = LiveView()
         agents: dict[str, str] = {}
 
         if settings.metrics_port:
@@ -214,7 +218,19 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                             lags[(tp.topic, tp.partition)] = high - (committed.get(tp) or 0)
                     metrics.lag(lags)
 
-                await serve(metrics, settings.metrics_host, settings.metrics_port, health, ready, lag)
+                async def live(wanted: Optional[str]) -> dict:
+                    totals = metrics.totals()
+                    user = view.pick(wanted)
+                    out = {"time": time.time(), "events_total": metrics.snapshot()["events"],
+                           "lists_out": totals.get("recommendations_out", 0),
+                           "dead_letters": totals.get("dead_letters", 0), "latency_ms": view.latency_ms(),
+                           "user": None}
+                    if user is not None:
+                        profile, titles, dist = await pipeline.peek_user(user)
+                        out["user"] = user_view(user, profile, view.lists.get(user, {}), titles, dist)
+                    return out
+
+                await serve(metrics, settings.metrics_host, settings.metrics_port, health, ready, lag, live)
 
         app.agent(catalog, name="catalog", concurrency=1)(consume("catalog", pipeline.process_catalog))
         app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events, again=True))

@@ -98,6 +98,11 @@ class Metrics:
     def agent(self, name: str, up: bool) -> None:
         self._agents.labels(name).set(1 if up else 0)
 
+    def totals(self) -> dict[str, float]:
+        """The counters of :meth:`counted` so far, by name."""
+        return {s.labels["name"]: s.value for fam in self._stats.collect() for s in fam.samples
+                if s.name.endswith("_total")}
+
     def lag(self, lags: dict[tuple[str, int], int]) -> None:
         """The consumer lag of each assigned partition (partitions no longer assigned drop out)."""
         self._lag.clear()
@@ -158,10 +163,12 @@ class Timed:
 
 async def serve(metrics: Metrics, host: str, port: int, health: Callable[[], dict],
                 ready: Optional[Callable[[], dict]] = None,
-                refresh: Optional[Callable[[], None]] = None) -> Any:
+                refresh: Optional[Callable[[], None]] = None,
+                live: Optional[Callable[[Optional[str]], Any]] = None) -> Any:
     """Serve ``/metrics`` (after ``refresh()``, which updates what is read at scrape time),
     ``/health`` (liveness) and ``/ready`` (readiness), the last two as JSON with HTTP 503 while
-    not ``ok``, until cancelled; returns the aiohttp runner."""
+    not ``ok``, and with ``live`` (a coroutine function of an optional user id) the live page on
+    ``/`` and its data on ``/api/live``, until cancelled; returns the aiohttp runner."""
     from aiohttp import web
 
     async def metrics_handler(request: web.Request) -> web.Response:
@@ -186,6 +193,18 @@ async def serve(metrics: Metrics, host: str, port: int, health: Callable[[], dic
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_get("/ready", ready_handler)
+    if live is not None:
+        from streams.ui import PAGE
+
+        async def page_handler(request: web.Request) -> web.Response:
+            return web.Response(text=PAGE, content_type="text/html")
+
+        async def live_handler(request: web.Request) -> web.Response:
+            return web.Response(text=json.dumps(await live(request.query.get("user"))),
+                                content_type="application/json")
+
+        app.router.add_get("/", page_handler)
+        app.router.add_get("/api/live", live_handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

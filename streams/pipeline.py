@@ -32,7 +32,8 @@ from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from models.params import ModelParams
-from models.profile import Applied, Explainer, Profile, apply_click, apply_query, click_strength, query_vector
+from models.profile import (Applied, Explainer, Profile, apply_click, apply_query, click_strength,
+                            interest_distribution, query_vector)
 from models.learning import Impression, pairwise_step, weights_from
 from models.ranking import Candidate, Ranked, Signals, cold_start, rank
 from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, ItemUpsert, Limits, Query,
@@ -234,6 +235,17 @@ class Pipeline:
         self._redo: dict[str, int] = {}  # a batch to take again: per source, its last offset
         self._applied: dict[str, int] = {}  # per source, the published offset read with it
         self.closers: list[Callable[[], Any]] = []  # what else :meth:`close` closes (e.g. a gate's client)
+
+    async def peek_user(self, user_id: str) -> tuple[Profile, dict[str, str], dict[str, float]]:
+        """A user's stored profile, the titles of the items in their recent history, and their
+        interest distribution over the catalog's categories, for the live page (reads only,
+        outside the stage timings)."""
+        store = self.profiles._target
+        profile = (await store.load([user_id]))[user_id]
+        ids = [h["item_id"] for h in profile.history[-12:] if h.get("type") == "click" and h.get("item_id")]
+        rows = await self._run(self.items._target.get, ids) if ids else {}
+        dist = interest_distribution(profile, await store.category_count(), self.params)
+        return profile, {i: c.title for i, c in rows.items() if c.title}, dist
 
     async def close(self) -> None:
         """Close the stores, the other clients given in ``closers`` and the thread pools (at

@@ -18,10 +18,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import pytest
 
+from models.profile import Profile
 from streams.stores.eventlog import KafkaEventLog, all_topics
 from streams.stores.redis_profiles import connect, read_stats
 from workers import demo_data
@@ -29,7 +30,7 @@ from workers.kafka_broker import ApacheKafka, KafkaUnavailable
 from workers.runner import WorkerProcess, encode_line, read_outputs, wait_stat
 from workers.settings import Settings
 from workers.milvus_server import MilvusStandalone
-from workers.stack import Stack
+from workers.stack import Stack, wait_for
 
 from .reliability import ReliabilityReport, report_dir
 
@@ -255,6 +256,25 @@ class Harness:
         ids = [e.get("event_id") or e["request_id"] for e in events]
         got = read_outputs(self.log, self.settings.topic_recommendations, ids, timeout_s, self.worker)
         return {i: got[i][0] for i in ids}
+
+    def profile(self, user: str, ok: Callable[[Profile, bool], bool] = lambda p, forgotten: True,
+                timeout_s: float = 60) -> tuple[Profile, bool]:
+        """The stored (profile, forgotten) of ``user`` once ``ok`` holds for it: a batch's lists go
+        out before its profiles are written, so a test that has its lists waits for those too."""
+        from streams.stores import codec
+
+        key = f"{self.prefix}:{{u:{user}}}"
+        got: list = []
+
+        def ready() -> bool:
+            raw = self.redis.get(key)
+            if raw is None:
+                return False
+            got[:] = [codec.decode(user, raw)]
+            return ok(*got[0])
+
+        wait_for(ready, f"the stored profile of {user}", timeout_s, self.worker.proc, self.worker.log_path)
+        return got[0]
 
     def stats(self) -> dict[str, int]:
         return read_stats(self.redis, self.prefix, self.settings.state_shards)

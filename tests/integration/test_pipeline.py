@@ -36,7 +36,7 @@ def test_clicks_on_one_category_dominate_the_list(harness):
     assert len(last["items"]) == 10
     assert share(last, "cooking") >= 0.7, last["items"]  # chance is 1/8
     # the interest distribution is concentrated on the clicked category
-    profile, _ = codec.decode("alice", harness.redis.get(f"{harness.prefix}:{{u:alice}}"))
+    profile, _ = harness.profile("alice", lambda p, forgotten: p.clicks == 5)
     assert max(profile.interest, key=profile.interest.get) == "cooking"
 
 
@@ -172,6 +172,7 @@ def test_malformed_input_goes_to_the_dead_letter_topic_and_counts_balance(harnes
 def test_the_same_event_twice_changes_the_profile_once(harness):
     e = harness.click("ivy", items_of("fitness")[0], event_id="dup-1")
     harness.run([e])
+    harness.profile("ivy", lambda p, forgotten: p.clicks == 1)
     before = harness.redis.get(f"{harness.prefix}:{{u:ivy}}")
     again = dict(e)
     harness.send([again])
@@ -193,12 +194,12 @@ def test_a_forgotten_user_is_deleted_gets_nothing_and_starts_afresh_on_return(ha
     key = f"{harness.prefix}:{{u:gina}}"
     clicks = [harness.click("gina", i) for i in items_of("jazz")[:3]]
     harness.run(clicks)
-    assert codec.decode("gina", r.get(key))[0].clicks == 3
+    assert harness.profile("gina", lambda p, forgotten: p.clicks == 3)[0].clicks == 3
     forget = {"type": "forget", "event_id": harness.next_id(), "user_id": "gina", "timestamp": time.time()}
     req = harness.request("gina", k=5)
     harness.send([forget])
     wait_stat(r, harness.prefix, "users_forgotten", 1, 60, harness.worker)
-    tomb, forgotten = codec.decode("gina", r.get(key))
+    tomb, forgotten = harness.profile("gina", lambda p, forgotten: forgotten)
     # only a tombstone is left: no vectors, history, interests or seen items, and it expires
     assert forgotten and tomb.is_cold and not tomb.seen and not tomb.history and not tomb.interest
     assert 0 < r.pttl(key) <= harness.settings.forget_ttl_s * 1000
@@ -209,7 +210,7 @@ def test_a_forgotten_user_is_deleted_gets_nothing_and_starts_afresh_on_return(ha
     back = harness.click("gina", items_of("cooking")[0])
     again = harness.run([back])[back["event_id"]]
     assert again["cold_start"] is False
-    p, forgotten = codec.decode("gina", r.get(key))
+    p, forgotten = harness.profile("gina", lambda p, forgotten: not forgotten)
     assert not forgotten and p.clicks == 1 and len(p.seen) == 1 and r.pttl(key) == -1  # a new profile, from the return only
     assert [h["item_id"] for h in p.history] == [items_of("cooking")[0]]
 

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from streams.stores import codec
 from workers import demo_data
 from workers.runner import encode_line, read_outputs, wait_stat
 
@@ -50,7 +49,8 @@ def test_a_worker_keeps_its_state_on_a_redis_cluster(embedded, tmp_path, redis_c
         out = h.run(clicks)
         assert all(len(out[c["event_id"]]["items"]) == 10 for c in clicks)
         wait_stat(h.redis, h.prefix, "events_applied", len(clicks), 60, h.worker)
-        p, _ = codec.decode("user-0", h.redis.get(f"{h.prefix}:{{u:user-0}}"))
+        # a batch's effects (and its counters) are written before its profiles: wait for those too
+        p, _ = h.profile("user-0", lambda p, forgotten: p.clicks == 2)
         assert p.clicks == 2 and len(p.seen) == 2
         req = h.request("user-0", k=5)
         got = h.run([req])[req["request_id"]]
