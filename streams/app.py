@@ -200,12 +200,37 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                 def health() -> dict:
                     return {"ok": bool(agents) and all(v == "running" for v in agents.values()), "agents": dict(agents)}
 
-                def ready() -> dict:
-                    """Live, in the consumer group and not rebalancing (a worker beyond the partition
-                    count is ready with none: it stands by)."""
+                async def stores_reachable() -> dict[str, str]:
+                    """One cheap read of each store (outside the stage timings); counts the items."""
+                    out = {}
+                    try:
+                        await asyncio.wait_for(pipeline.profiles._target.stats(), 5.0)
+                        out["redis"] = "ok"
+                    except Exception as exc:  # noqa: BLE001 - reported, not raised
+                        out["redis"] = f"unreachable: {type(exc).__name__}"
+                    try:
+                        metrics.items(await asyncio.wait_for(pipeline._run(pipeline.items._target.count), 10.0))
+                        out["milvus"] = "ok"
+                    except Exception as exc:  # noqa: BLE001 - reported, not raised
+                        out["milvus"] = f"unreachable: {type(exc).__name__}"
+                    return out
+
+                async def ready() -> dict:
+                    """Live, both stores answering, in the consumer group and not rebalancing (a worker
+                    beyond the partition count is ready with none: it stands by)."""
                     live = health()
-                    return {"ok": live["ok"] and group["assigned"] and not app.rebalancing, "agents": live["agents"],
-                            "partitions": group["partitions"], "rebalancing": bool(app.rebalancing)}
+                    stores = await stores_reachable()
+                    ok = live["ok"] and group["assigned"] and not app.rebalancing and \
+                        all(v == "ok" for v in stores.values())
+                    return {"ok": ok, "agents": live["agents"], "stores": stores, "partitions": group["partitions"],
+                            "rebalancing": bool(app.rebalancing)}
+
+                async def refresh() -> None:
+                    lag()
+                    try:
+                        metrics.items(await asyncio.wait_for(pipeline._run(pipeline.items._target.count), 10.0))
+                    except Exception:  # noqa: BLE001 - the gauge keeps its last value
+                        log.debug("item count failed", exc_info=True)
 
                 def lag() -> None:
                     consumer = app.consumer
@@ -230,7 +255,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                         out["user"] = user_view(user, profile, view.lists.get(user, {}), titles, dist)
                     return out
 
-                await serve(metrics, settings.metrics_host, settings.metrics_port, health, ready, lag, live)
+                await serve(metrics, settings.metrics_host, settings.metrics_port, health, ready, refresh, live)
 
         app.agent(catalog, name="catalog", concurrency=1)(consume("catalog", pipeline.process_catalog))
         app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events, again=True))

@@ -55,6 +55,8 @@ class Metrics:
                                 "the encoder or the broker unavailable).", ["call"], registry=self.registry)
         self._agents = Gauge("streamrec_agent_up", "1 while the agent consumes, 0 once it stopped or crashed.",
                              ["agent"], registry=self.registry)
+        self._items = Gauge("streamrec_items", "Items in the item index (available or not), counted at scrape time.",
+                            registry=self.registry)
         self._lag = Gauge("streamrec_consumer_lag", "Messages in an assigned partition after the worker's last "
                           "committed offset (its high watermark minus that position), at scrape time.",
                           ["topic", "partition"], registry=self.registry)
@@ -102,6 +104,9 @@ class Metrics:
         """The counters of :meth:`counted` so far, by name."""
         return {s.labels["name"]: s.value for fam in self._stats.collect() for s in fam.samples
                 if s.name.endswith("_total")}
+
+    def items(self, n: int) -> None:
+        self._items.set(n)
 
     def lag(self, lags: dict[tuple[str, int], int]) -> None:
         """The consumer lag of each assigned partition (partitions no longer assigned drop out)."""
@@ -166,15 +171,17 @@ async def serve(metrics: Metrics, host: str, port: int, health: Callable[[], dic
                 refresh: Optional[Callable[[], None]] = None,
                 live: Optional[Callable[[Optional[str]], Any]] = None) -> Any:
     """Serve ``/metrics`` (after ``refresh()``, which updates what is read at scrape time),
-    ``/health`` (liveness) and ``/ready`` (readiness), the last two as JSON with HTTP 503 while
-    not ``ok``, and with ``live`` (a coroutine function of an optional user id) the live page on
+    ``/health`` (liveness) and ``/ready`` (readiness; ``ready`` may be a coroutine function), the
+    last two as JSON with HTTP 503 while not ``ok``, and with ``live`` (a coroutine function of an optional user id) the live page on
     ``/`` and its data on ``/api/live``, until cancelled; returns the aiohttp runner."""
     from aiohttp import web
 
     async def metrics_handler(request: web.Request) -> web.Response:
         if refresh is not None:
             try:
-                refresh()
+                got = refresh()
+                if inspect.isawaitable(got):
+                    await got
             except Exception:  # noqa: BLE001 - the other metrics still go out
                 log.debug("metrics refresh failed", exc_info=True)
         return web.Response(text=metrics.render(), content_type="text/plain")
@@ -186,6 +193,8 @@ async def serve(metrics: Metrics, host: str, port: int, health: Callable[[], dic
 
     async def ready_handler(request: web.Request) -> web.Response:
         body = (ready or health)()
+        if inspect.isawaitable(body):
+            body = await body
         return web.Response(text=json.dumps(body), content_type="application/json",
                             status=200 if body.get("ok") else 503)
 

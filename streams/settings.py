@@ -121,9 +121,9 @@ class Settings(BaseSettings):
                                      "(WAIT) before it is acked; 1 on a cluster with replicas survives a failover")
     log_format: Literal["text", "json"] = Field(
         "text", description="worker logs: text, or JSON lines (time, level, logger, message, pid, exc) for log shippers")
-    metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics (Prometheus text: time per stage, "
-                              "batches, events) and /health on this port; 0: off")
-    metrics_host: str = Field("127.0.0.1", description="address /metrics and /health listen on")
+    metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics (Prometheus text), /health, /ready "
+                              "and the live page (/) on this port; 0: off")
+    metrics_host: str = Field("127.0.0.1", description="address /metrics, /health, /ready and the live page listen on")
     startup_timeout_s: float = Field(
         30.0, ge=0, description="how long a starting worker waits for an unreachable Kafka, Redis or Milvus; "
         "rejected credentials fail at once")

@@ -270,5 +270,7 @@ def test_a_running_worker_serves_metrics_and_health(stack, tmp_path):
         status, body = get("/ready")
         ready = json.loads(body)
         assert status == 200 and ready["ok"] and ready["partitions"] == 3 * h.settings.topic_partitions, ready
+        assert ready["stores"] == {"redis": "ok", "milvus": "ok"}
+        assert parse_metrics(get("/metrics")[1])["streamrec_items"] == len(CATALOG)
     finally:
         h.close()

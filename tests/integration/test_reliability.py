@@ -204,7 +204,8 @@ def test_redis_crash_and_milvus_outage(stack, tmp_path, reliability):
             fig.update(outages=len(outages), outage_detail=outages, seed=seed,
                        crashes=crashes_in(h.worker.log_path.read_text(errors="replace")),
                        worker_restarts=0)
-            reliability.add(h.broker, "redis crash + milvus outage", fig)
+            reliability.add(h.broker, "redis crash + milvus standalone outage" if standalone else
+                            "redis crash + milvus outage", fig)
             assert_exactly_once(fig)
             assert len(outages) == 2
         finally:

@@ -95,7 +95,10 @@ def test_ready_is_served_apart_from_health():
     port = free_port()
 
     async def go():
-        runner = await serve(Metrics(), "127.0.0.1", port, lambda: {"ok": True}, lambda: {"ok": False, "partitions": 0})
+        async def ready():
+            return {"ok": False, "partitions": 0}
+
+        runner = await serve(Metrics(), "127.0.0.1", port, lambda: {"ok": True}, ready)
 
         def get(path):
             try:
