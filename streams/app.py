@@ -106,6 +106,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
     async def run_batch(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]],
                         raw: list[RawMessage]) -> None:
         # Compute, publish, then write: a list is out before its event counts as applied.
+        started = time.perf_counter()
         while True:
             t0 = time.perf_counter()
             out = await retry_forever(lambda: process(raw), backoff, what=f"{name} batch", log=log,
@@ -127,6 +128,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         metrics.counted(out.stats, (dead_letter_error(v) for _, v in out.dead_letters))
         if name == "events":
             metrics.add("commit", time.perf_counter() - t2)
+            metrics.add("batch", time.perf_counter() - started)
             metrics.batch(len(raw))
         log.debug("%s batch of %d: process %.1f ms, publish %.1f ms, commit %.1f ms", name, len(raw),
                   (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)

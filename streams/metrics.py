@@ -3,8 +3,9 @@ Prometheus text on ``/metrics`` beside ``/health`` (``serve``).
 
 Stages: ``parse`` (decode and validate), ``redis`` (every profile store call), ``milvus`` (every
 item index call), ``encoder``, ``ranking`` (features, scores, lists), ``process`` (a batch's
-compute: parse, ranking and the reads), ``publish`` (until the broker confirms) and ``commit`` (the
-batch's Redis writes, also counted in ``redis``).
+compute: parse, ranking and the reads), ``publish`` (until the broker confirms), ``commit`` (the
+batch's Redis writes, also counted in ``redis``) and ``batch`` (an events batch from its first try
+to its commit, retries included).
 
 Beside them: the worker's counters as ``streamrec stats`` names them (``streamrec_stats_total``),
 dead letters by error code, retried calls by what was called, and whether each agent runs.
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 log = logging.getLogger("streamrec.metrics")
 
-STAGES = ("parse", "redis", "milvus", "encoder", "ranking", "process", "publish", "commit")
+STAGES = ("parse", "redis", "milvus", "encoder", "ranking", "process", "publish", "commit", "batch")
 
 
 class Metrics:

@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import time
-from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
@@ -104,29 +103,25 @@ class Output:
 
 
 class ItemCache:
-    """Recently used items (with vectors), bounded in size and age."""
+    """Recently used items (with vectors), bounded in size and age: a ``cachetools.TTLCache``
+    (least recently used out first; an entry expires ``ttl_s`` after it was put)."""
 
     def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.size, self.ttl, self.clock = size, ttl_s, clock
-        self._d: OrderedDict[str, tuple[float, Candidate]] = OrderedDict()
+        from cachetools import TTLCache
+
+        self.size, self.ttl = size, ttl_s
+        self._d: Optional[TTLCache] = TTLCache(maxsize=size, ttl=ttl_s, timer=clock) if size > 0 else None
 
     def get(self, item_id: str) -> Optional[Candidate]:
-        hit = self._d.get(item_id)
-        if hit is None or self.clock() - hit[0] > self.ttl:
-            return None
-        self._d.move_to_end(item_id)
-        return hit[1]
+        return self._d.get(item_id) if self._d is not None else None
 
     def put(self, c: Candidate) -> None:
-        if self.size <= 0:
-            return
-        self._d[c.item_id] = (self.clock(), c)
-        self._d.move_to_end(c.item_id)
-        while len(self._d) > self.size:
-            self._d.popitem(last=False)
+        if self._d is not None:
+            self._d[c.item_id] = c
 
     def drop(self, item_id: str) -> None:
-        self._d.pop(item_id, None)
+        if self._d is not None:
+            self._d.pop(item_id, None)
 
 
 def _attrs(c: Candidate) -> tuple:

@@ -81,22 +81,24 @@ async def retry_forever(fn: Callable[[], Awaitable[T]], backoff: Backoff, *, wha
                         is_transient: Callable[[BaseException], bool] = transient,
                         on_retry: Optional[Callable[[str], None]] = None) -> T:
     """Await ``fn()`` until it succeeds, waiting ``backoff`` between tries of transient errors
-    (each told to ``on_retry(what)``, e.g. a metric).
+    (each logged, and told to ``on_retry(what)``, e.g. a metric); tenacity runs the loop.
 
     A batch is never acked before its side effects are done, so waiting for a service to come
     back is the right thing to do; a non-transient error propagates.
     """
-    attempt = 0
-    while True:
-        try:
+    from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if log is not None:
+            log.warning("%s failed (%s: %s); retry %d in %.2f s", what, type(exc).__name__, exc,
+                        state.attempt_number, state.upcoming_sleep)
+        if on_retry is not None:
+            on_retry(what)
+
+    async for attempt in AsyncRetrying(retry=retry_if_exception(is_transient), reraise=True,
+                                       wait=lambda state: backoff.delay(state.attempt_number - 1),
+                                       before_sleep=before_sleep):
+        with attempt:
             return await fn()
-        except Exception as exc:  # noqa: BLE001 - sorted by is_transient
-            if not is_transient(exc):
-                raise
-            wait = backoff.delay(attempt)
-            if log is not None:
-                log.warning("%s failed (%s: %s); retry %d in %.2f s", what, type(exc).__name__, exc, attempt + 1, wait)
-            if on_retry is not None:
-                on_retry(what)
-            attempt += 1
-            await asyncio.sleep(wait)
+    raise AssertionError("unreachable: tenacity retries until success or re-raises")  # pragma: no cover

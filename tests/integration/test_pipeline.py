@@ -243,7 +243,7 @@ def test_a_running_worker_serves_metrics_and_health(stack, tmp_path):
                  30, h.worker.proc, h.worker.log_path)
         got = parse_metrics(get("/metrics")[1])
         assert got["streamrec_events_total"] == 7 and got["streamrec_batches_total"] >= 1
-        for stage in ("parse", "redis", "milvus", "encoder", "ranking", "process", "publish", "commit"):
+        for stage in ("parse", "redis", "milvus", "encoder", "ranking", "process", "publish", "commit", "batch"):
             assert got[f'streamrec_stage_seconds_count{{stage="{stage}"}}'] > 0, stage
         # the worker's counters, as `streamrec stats` has them, and dead letters by code
         h.send([], raw=[(b"m0", b"{not json")])

@@ -37,6 +37,27 @@ def test_retries_until_success_and_propagates_bugs():
         asyncio.run(retry_forever(bug, Backoff(base_s=0.001), what="x"))
 
 
+def test_each_retry_is_logged_and_counted(caplog):
+    import logging
+
+    tries, counted = [], []
+
+    async def flaky():
+        tries.append(1)
+        if len(tries) < 3:
+            raise TimeoutError("slow")
+        return 7
+
+    log = logging.getLogger("streamrec.test-retry")
+    with caplog.at_level(logging.WARNING, logger="streamrec.test-retry"):
+        got = asyncio.run(retry_forever(flaky, Backoff(base_s=0.001, cap_s=0.002), what="events commit", log=log,
+                                        on_retry=counted.append))
+    assert got == 7 and counted == ["events commit", "events commit"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("events commit failed (TimeoutError: slow); retry 1 in 0.00")
+    assert lines[1].startswith("events commit failed (TimeoutError: slow); retry 2 in ")
+
+
 def test_backoff_grows_to_its_cap():
     b = Backoff(base_s=0.1, cap_s=1.0)
     assert 0.05 <= b.delay(0) <= 0.1 and 0.5 <= b.delay(10) <= 1.0
