@@ -31,6 +31,8 @@ log = logging.getLogger("streamrec.agents")
 REDO_WAIT_S = 10.0
 #: The worker's exit status after an agent stopped on an error that no retry fixes (EX_SOFTWARE).
 EXIT_AGENT_CRASHED = 70
+#: How often a /metrics scrape may count the items in the index (a query to Milvus).
+ITEM_COUNT_EVERY_S = 10.0
 
 
 def broker_urls(settings: Settings) -> list[str]:
@@ -227,8 +229,13 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                     return {"ok": ok, "agents": live["agents"], "stores": stores, "partitions": group["partitions"],
                             "rebalancing": bool(app.rebalancing)}
 
+                counted_at = [float("-inf")]
+
                 async def refresh() -> None:
                     lag()
+                    if time.monotonic() - counted_at[0] < ITEM_COUNT_EVERY_S:  # a scrape loop must not load Milvus
+                        return
+                    counted_at[0] = time.monotonic()
                     try:
                         metrics.items(await asyncio.wait_for(pipeline._run(pipeline.items._target.count), 10.0))
                     except Exception:  # noqa: BLE001 - the gauge keeps its last value
