@@ -204,6 +204,13 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                 def health() -> dict:
                     return {"ok": bool(agents) and all(v == "running" for v in agents.values()), "agents": dict(agents)}
 
+                counted_at = [float("-inf")]
+
+                async def count_items() -> None:
+                    """Count the index's items into the gauge (a Milvus query, outside the stage timings)."""
+                    counted_at[0] = time.monotonic()
+                    metrics.items(await asyncio.wait_for(pipeline._run(pipeline.items._target.count), 10.0))
+
                 async def stores_reachable() -> dict[str, str]:
                     """One cheap read of each store (outside the stage timings); counts the items."""
                     out = {}
@@ -213,7 +220,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                     except Exception as exc:  # noqa: BLE001 - reported, not raised
                         out["redis"] = f"unreachable: {type(exc).__name__}"
                     try:
-                        metrics.items(await asyncio.wait_for(pipeline._run(pipeline.items._target.count), 10.0))
+                        await count_items()
                         out["milvus"] = "ok"
                     except Exception as exc:  # noqa: BLE001 - reported, not raised
                         out["milvus"] = f"unreachable: {type(exc).__name__}"
@@ -229,15 +236,12 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                     return {"ok": ok, "agents": live["agents"], "stores": stores, "partitions": group["partitions"],
                             "rebalancing": bool(app.rebalancing)}
 
-                counted_at = [float("-inf")]
-
                 async def refresh() -> None:
                     lag()
                     if time.monotonic() - counted_at[0] < ITEM_COUNT_EVERY_S:  # a scrape loop must not load Milvus
                         return
-                    counted_at[0] = time.monotonic()
                     try:
-                        metrics.items(await asyncio.wait_for(pipeline._run(pipeline.items._target.count), 10.0))
+                        await count_items()
                     except Exception:  # noqa: BLE001 - the gauge keeps its last value
                         log.debug("item count failed", exc_info=True)
 

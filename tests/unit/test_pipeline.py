@@ -488,13 +488,22 @@ def test_a_query_waits_behind_one_catalog_chunk_not_the_whole_catalog_batch():
                                       for it in CATALOG[:64]])
     query = msgs([{"type": "query", "event_id": "q-during", "user_id": "qq", "text": "jazz piano", "timestamp": 1.0}])
 
+    # the first catalog chunk is held until the next encoder job is submitted: the query's, since
+    # the catalog submits its next chunk only once the first is done
+    submit, jobs = p._encode_executor.submit, []
+
+    def submitted(*args, **kwargs):
+        jobs.append(submit(*args, **kwargs))
+        if len(jobs) == 2:
+            enc.query_submitted.set()
+        return jobs[-1]
+
+    p._encode_executor.submit = submitted
+
     async def go():
         catalog = asyncio.ensure_future(p.process_catalog(msgs(CATALOG[:64], "catalog")))
         await asyncio.to_thread(enc.first_chunk_started.wait, 10)
         events = asyncio.ensure_future(p.process_events(query))
-        while p._encode_executor._work_queue.qsize() < 1:  # until the query's encoder job is queued
-            await asyncio.sleep(0.001)
-        enc.query_submitted.set()
         return await catalog, await events
 
     cat_out, ev_out = asyncio.run(go())
