@@ -35,12 +35,16 @@ def _settings():
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from workers.kafka_broker import KafkaUnavailable
+    from workers.kafka_broker import KafkaUnavailable, auto_broker
     from workers.stack import Stack
 
     settings = _settings()
+    broker = args.broker
+    if broker == "auto":
+        broker, why = auto_broker()
+        print(f"streamrec up: broker {broker} ({why})", file=sys.stderr, flush=True)
     stack = Stack(Path(args.data_dir or settings.data_dir), args.kafka_port, args.redis_port, args.milvus_port,
-                  broker=args.broker)
+                  broker=broker)
     try:
         stack.start()
     except KafkaUnavailable as exc:
@@ -243,9 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kafka-port", type=int, default=9092)
     up.add_argument("--redis-port", type=int, default=6379)
     up.add_argument("--milvus-port", type=int, default=19530)
-    up.add_argument("--broker", choices=("tansu", "apache-kafka"), default="tansu",
-                    help="tansu (a single binary, the default) or apache-kafka (the real Apache Kafka in KRaft mode on "
-                         "Java 17, its jars fetched once from Maven Central: every Kafka client works with it)")
+    up.add_argument("--broker", choices=("auto", "apache-kafka", "tansu"), default="auto",
+                    help="apache-kafka (the real Apache Kafka in KRaft mode on Java 17, its jars fetched once from "
+                         "Maven Central: every Kafka client works with it), tansu (a single binary, no Java), or auto "
+                         "(the default: apache-kafka where Java 17+ runs and its jars are cached or Maven is there, "
+                         "else tansu)")
     up.set_defaults(func=cmd_up)
 
     w = sub.add_parser("worker", help="run the Faust worker against the broker, Redis and Milvus of the settings")

@@ -109,6 +109,20 @@ def resolve_libs(version: str, cache_root: Path = CACHE_ROOT, pom: Path = POM, t
     return libs
 
 
+def auto_broker(cache_root: Path = CACHE_ROOT, pom: Path = POM) -> tuple[str, str]:
+    """``("apache-kafka", why)`` where Java 17+ runs and the jars are cached or Maven can fetch
+    them, else ``("tansu", why)``: what ``streamrec up`` starts when no broker is named."""
+    try:
+        java_bin()
+    except KafkaUnavailable as exc:
+        return "tansu", str(exc)
+    version = pinned_version(pom)
+    cached = (cache_root / f"kafka-{version}" / "libs" / COMPLETE).exists()
+    if not cached and not shutil.which("mvn"):
+        return "tansu", f"maven (mvn) not found on PATH, and the Apache Kafka {version} jars are not cached"
+    return "apache-kafka", f"java {MIN_JAVA}+ found, Apache Kafka {version} jars {'cached' if cached else 'fetched by maven'}"
+
+
 def random_cluster_id() -> str:
     """A KRaft cluster id: a random UUID in URL-safe base64 without padding, as
     ``kafka-storage.sh random-uuid`` prints (never starting with '-')."""

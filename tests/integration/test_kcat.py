@@ -1,6 +1,6 @@
 """Integration by events with a client that is not ours: kcat (librdkafka) publishes the catalog
-and events to the stack that ``streamrec up --broker apache-kafka`` starts, and reads the lists
-and the dead letters back."""
+and events to the stack that ``streamrec up`` starts (Apache Kafka, since Java 17 runs here), and
+reads the lists and the dead letters back."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_kcat_publishes_and_reads_back_on_streamrec_up_with_apache_kafka(tmp_pat
         ApacheKafka(tmp_path).check()
     except KafkaUnavailable as exc:
         pytest.skip(f"Apache Kafka not available: {exc}")
-    up = subprocess.Popen(CLI + ["up", "--broker", "apache-kafka", "--data-dir", str(tmp_path / "stack"),
+    up = subprocess.Popen(CLI + ["up", "--data-dir", str(tmp_path / "stack"),  # the default broker: auto
                                  "--kafka-port", "0", "--redis-port", "0", "--milvus-port", "0"],
                           stdout=subprocess.PIPE, text=True, start_new_session=True)
     worker = None

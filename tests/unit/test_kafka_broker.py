@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from workers import kafka_broker
-from workers.kafka_broker import (COMPLETE, POM, ApacheKafka, KafkaUnavailable, java_bin, pinned_version,
+from workers.kafka_broker import (COMPLETE, POM, ApacheKafka, KafkaUnavailable, auto_broker, java_bin, pinned_version,
                                   random_cluster_id, resolve_libs, server_properties, write_properties)
 
 
@@ -109,6 +109,30 @@ def test_cached_jars_need_no_maven_and_missing_ones_name_maven(tmp_path, monkeyp
         resolve_libs("4.1.1", tmp_path / "cache")
     (libs / COMPLETE).write_text("")
     assert resolve_libs("4.1.1", tmp_path / "cache") == libs
+
+
+def test_up_picks_apache_kafka_where_java_runs_and_tansu_where_it_does_not(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    broker, why = auto_broker(cache)
+    assert broker == "tansu" and "java 17+ not found" in why
+    monkeypatch.setenv("PATH", str(fake_java(tmp_path / "old", 'openjdk version "11.0.1"').parent))
+    assert auto_broker(cache)[0] == "tansu"
+    java17 = fake_java(tmp_path / "bin", 'openjdk version "17.0.15"').parent
+    monkeypatch.setenv("PATH", str(java17))
+    broker, why = auto_broker(cache)  # java, but neither jars nor maven to fetch them
+    assert broker == "tansu" and "maven (mvn) not found" in why
+    version = pinned_version()
+    libs = cache / f"kafka-{version}" / "libs"
+    libs.mkdir(parents=True)
+    (libs / COMPLETE).write_text("")
+    assert auto_broker(cache) == ("apache-kafka", f"java 17+ found, Apache Kafka {version} jars cached")
+    (libs / COMPLETE).unlink()
+    mvn = java17 / "mvn"
+    mvn.write_text("#!/bin/sh\nexit 1\n")
+    mvn.chmod(mvn.stat().st_mode | stat.S_IEXEC)
+    assert auto_broker(cache)[0] == "apache-kafka"
 
 
 def test_a_failed_resolution_leaves_nothing_half_done(tmp_path, monkeypatch):
