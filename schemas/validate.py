@@ -1,18 +1,23 @@
 """Decode and validate raw input messages into records, or say exactly why not.
 
-Input is JSON objects with a ``type`` field; fields are checked against the record's annotations
-(no coercion: ``"3"`` is not a number), unknown fields are rejected, and limits on sizes and
-timestamps come from :class:`Limits`.
+Input is JSON objects with a ``type`` field. Each record has a strict pydantic model generated
+from its annotations (:func:`wire_model`: no coercion, ``"3"`` is not a number; unknown fields
+are refused); limits on sizes and timestamps come from :class:`Limits`, in the validation
+context. Every failure becomes one of :data:`CODES` with a reason that names the field.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Optional, Union
+
+import annotated_types
+import pydantic
+from pydantic import ValidationError
+from pydantic_core import PydanticCustomError
 
 from schemas.catalog import ItemDelete, ItemUpsert
 from schemas.events import Click, ForgetUser, Query
@@ -25,6 +30,8 @@ TYPE_OF = {cls: name for table in (EVENT_TYPES, CATALOG_TYPES, REQUEST_TYPES) fo
 _ID_FIELDS = {"event_id", "user_id", "item_id", "request_id", "exclude"}  # ``exclude`` holds item ids
 _MAY_BE_EMPTY = {"description", "category"}
 _TEXT_CONTROLS = frozenset(chr(i) for i in [*range(32), 127]) - {"\t", "\n", "\r"}
+CODES = ("empty", "too_large", "bad_encoding", "bad_json", "not_object", "unknown_type", "unknown_schema",
+         "unknown_field", "missing_field", "wrong_type", "bad_value", "too_long", "bad_timestamp")
 
 
 class InvalidMessage(ValueError):
@@ -108,33 +115,11 @@ def _parse(raw: bytes, types: dict[str, type], limits: Limits, now: float) -> An
     if not isinstance(kind, str) or kind not in types:
         raise InvalidMessage("unknown_type", f"'type' must be one of {sorted(types)}, got {_show(kind)}")
     cls = types[kind]
-    fields = _fields(cls)
-    body = {k: v for k, v in data.items() if k not in ("type", "schema")}
-    namespace = cls._options.namespace
-    if "schema" in data and data["schema"] != namespace:
-        raise InvalidMessage("unknown_schema", f"{kind} is read as {namespace}, got schema {_show(data['schema'])}")
-    extra = sorted(set(body) - set(fields))
-    if extra:
-        raise InvalidMessage("unknown_field", f"{kind} has no field(s) {', '.join(_show(e) for e in extra[:5])}")
-    values: dict[str, Any] = {}
-    for name, (hint, required) in fields.items():
-        if name not in body:
-            if required:
-                raise InvalidMessage("missing_field", f"{kind} needs field '{name}'")
-            continue
-        values[name] = _check(kind, name, hint, body[name], limits)
-    if "timestamp" in values:
-        ts = values["timestamp"]
-        if ts < 0:
-            raise InvalidMessage("bad_timestamp", f"timestamp {ts} is negative")
-        if ts > now + limits.max_future_s:
-            raise InvalidMessage("bad_timestamp", f"timestamp {ts} is more than {limits.max_future_s:.0f} s in the future")
-    if "k" in values and values["k"] is not None and not 1 <= values["k"] <= limits.max_k:
-        raise InvalidMessage("bad_value", f"k must be within 1..{limits.max_k}, got {values['k']}")
-    if "weight" in values and not 0 < values["weight"] <= 100:
-        raise InvalidMessage("bad_value", f"weight must be within (0, 100], got {values['weight']}")
-    if values.get("dwell_s") is not None and values["dwell_s"] < 0:
-        raise InvalidMessage("bad_value", f"dwell_s must not be negative, got {values['dwell_s']}")
+    try:
+        model = wire_model(cls).model_validate(data, context=(limits, now))
+    except ValidationError as exc:
+        raise _invalid(kind, cls, exc.errors(include_url=False)) from None
+    values = {name: getattr(model, name) for name in _fields(cls)}
     try:
         return cls(**values)
     except ValueError as exc:  # the record's own validation; the checks above should come first
@@ -152,65 +137,152 @@ def _fields(cls: type) -> dict[str, tuple[Any, bool]]:
     return {name: (hints[name], name not in defaults) for name in cls._options.fields}
 
 
-def _check(kind: str, name: str, hint: Any, value: Any, limits: Limits) -> Any:
-    where = f"{kind}.{name}"
-    if typing.get_origin(hint) is Union:  # Optional[X]
-        if value is None:
-            return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if hint is str:
-        if not isinstance(value, str):
-            raise InvalidMessage("wrong_type", f"{where} must be a string, got {_type(value)}")
-        return _check_str(where, name, value, limits)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise InvalidMessage("wrong_type", f"{where} must be true or false, got {_type(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidMessage("wrong_type", f"{where} must be an integer, got {_type(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidMessage("wrong_type", f"{where} must be a number, got {_type(value)}")
-        try:
-            number = float(value)
-        except OverflowError:
-            raise InvalidMessage("bad_value", f"{where} is out of range") from None
-        if not math.isfinite(number):
-            raise InvalidMessage("bad_value", f"{where} must be finite")
-        return number
+# -- the wire models: pydantic's strict mode, generated from the records' annotations ------------
+
+# Bounds that do not depend on the settings; they also show in the JSON Schemas. ``timestamp``
+# breaks its bound with ``bad_timestamp``, every other field with ``bad_value``.
+_BOUNDS: dict[str, Any] = {"timestamp": annotated_types.Ge(0), "weight": annotated_types.Interval(gt=0, le=100),
+                           "dwell_s": annotated_types.Ge(0)}
+_BOUND_TEXT = {"timestamp": "timestamp {v} is negative", "weight": "weight must be within (0, 100], got {v}",
+               "dwell_s": "dwell_s must not be negative, got {v}"}
+
+
+def _strict(hint: Any, name: str) -> Any:
+    """``hint`` as a strict pydantic type: floats finite, records as their wire models."""
+    if typing.get_origin(hint) is Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return Optional[_strict(inner[0], name)]
     if typing.get_origin(hint) is list:
-        if not isinstance(value, list):
-            raise InvalidMessage("wrong_type", f"{where} must be a list, got {_type(value)}")
+        return list[_strict(typing.get_args(hint)[0], name)]
+    if hasattr(hint, "_options"):
+        return wire_model(hint)
+    if hint is float:
+        bound = [_BOUNDS[name]] if name in _BOUNDS else []
+        return Annotated[float, pydantic.Field(allow_inf_nan=False), *bound]
+    return hint
+
+
+@lru_cache(maxsize=None)
+def wire_model(cls: type) -> type[pydantic.BaseModel]:
+    """The strict pydantic model of one record as JSON on the wire: ``type`` (input records),
+    ``schema`` (optional on input), then the record's fields; unknown keys are refused."""
+    ns = cls._options.namespace
+    defs: dict[str, Any] = {}
+    if cls in TYPE_OF:
+        defs["type"] = (Literal[TYPE_OF[cls]], ...)
+    defs["schema_"] = (Literal[ns], pydantic.Field(ns, alias="schema", description="optional on input"))
+    for name, (hint, required) in _fields(cls).items():
+        default = ... if required else cls._options.defaults[name]
+        defs[name] = (_strict(hint, name), pydantic.Field(default))
+    validators = {}
+    if cls in TYPE_OF:  # input: the limits and the clock come in the validation context
+        strings = [n for n, (h, _) in _fields(cls).items() if _is_text(h)]
+        validators["check_strings"] = pydantic.field_validator(*strings)(_check_strings)
+        if "timestamp" in defs:
+            validators["check_timestamp"] = pydantic.field_validator("timestamp")(_check_future)
+        if "k" in defs:
+            validators["check_k"] = pydantic.field_validator("k")(_check_k)
+    config = pydantic.ConfigDict(strict=True, extra="forbid", title=cls.__name__,
+                                 json_schema_extra={"description": (cls.__doc__ or "").strip()})
+    return pydantic.create_model(cls.__name__, __config__=config, __validators__=validators, **defs)
+
+
+def _is_text(hint: Any) -> bool:
+    if typing.get_origin(hint) in (Union, list):
+        return any(_is_text(a) for a in typing.get_args(hint))
+    return hint is str
+
+
+def _context(info: pydantic.ValidationInfo) -> tuple[Limits, float]:
+    return info.context if info.context is not None else (Limits(), float("inf"))
+
+
+def _check_strings(cls: Any, value: Any, info: pydantic.ValidationInfo) -> Any:
+    limits, _ = _context(info)
+    name = info.field_name
+    if isinstance(value, list):
         if len(value) > limits.max_list_items:
-            raise InvalidMessage("too_long", f"{where} has {len(value)} entries, limit {limits.max_list_items}")
+            raise _fail("too_long", f"{{where}} has {len(value)} entries, limit {limits.max_list_items}")
         for v in value:
-            if not isinstance(v, str):
-                raise InvalidMessage("wrong_type", f"{where} must hold strings, got {_type(v)}")
-        return [_check_str(where, name, v, limits) for v in value]
-    raise TypeError(f"unsupported field type {hint!r} for {where}")  # pragma: no cover
+            _check_str(name, v, limits)
+    elif value is not None:
+        _check_str(name, value, limits)
+    return value
 
 
-def _check_str(where: str, name: str, value: str, limits: Limits) -> str:
+def _check_future(cls: Any, value: float, info: pydantic.ValidationInfo) -> float:
+    limits, now = _context(info)
+    if value > now + limits.max_future_s:
+        raise _fail("bad_timestamp", f"timestamp {value} is more than {limits.max_future_s:.0f} s in the future")
+    return value
+
+
+def _check_k(cls: Any, value: Optional[int], info: pydantic.ValidationInfo) -> Optional[int]:
+    limits, _ = _context(info)
+    if value is not None and not 1 <= value <= limits.max_k:
+        raise _fail("bad_value", f"k must be within 1..{limits.max_k}, got {value}")
+    return value
+
+
+def _fail(error: str, reason: str) -> PydanticCustomError:
+    """An error with streamrec's code as its type; ``{where}`` in the reason becomes ``kind.field``."""
+    return PydanticCustomError(error, "{reason}", {"reason": reason})
+
+
+def _check_str(name: str, value: str, limits: Limits) -> None:
     if name in _ID_FIELDS:
         if not value.strip():
-            raise InvalidMessage("bad_value", f"{where} must not be empty")
+            raise _fail("bad_value", "{where} must not be empty")
         if len(value) > limits.max_id_chars:
-            raise InvalidMessage("too_long", f"{where} has {len(value)} characters, limit {limits.max_id_chars}")
+            raise _fail("too_long", f"{{where}} has {len(value)} characters, limit {limits.max_id_chars}")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
-            raise InvalidMessage("bad_value", f"{where} contains control characters")
+            raise _fail("bad_value", "{where} contains control characters")
     else:
         if len(value) > limits.max_text_chars:
-            raise InvalidMessage("too_long", f"{where} has {len(value)} characters, limit {limits.max_text_chars}")
+            raise _fail("too_long", f"{{where}} has {len(value)} characters, limit {limits.max_text_chars}")
         if any(c in _TEXT_CONTROLS for c in value):
-            raise InvalidMessage("bad_value", f"{where} contains control characters (only tab and newlines "
-                                 "are allowed in text)")
+            raise _fail("bad_value", "{where} contains control characters (only tab and newlines are allowed in text)")
     if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
-        raise InvalidMessage("bad_encoding", f"{where} contains unpaired surrogates")
+        raise _fail("bad_encoding", "{where} contains unpaired surrogates")
     if name not in _MAY_BE_EMPTY and not value.strip():
-        raise InvalidMessage("bad_value", f"{where} must not be empty")
-    return value
+        raise _fail("bad_value", "{where} must not be empty")
+
+
+# pydantic's error types, as streamrec's codes and reasons
+_WRONG_TYPE = {"string_type": "must be a string", "float_type": "must be a number", "int_type": "must be an integer",
+               "bool_type": "must be true or false", "list_type": "must be a list"}
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _invalid(kind: str, cls: type, errors: list[dict]) -> InvalidMessage:
+    """The first error that matters, as :class:`InvalidMessage`: the ``schema`` key first, then
+    unknown fields (all named), then the fields in their order."""
+    schema = [e for e in errors if e["loc"][:1] == ("schema",)]
+    if schema:
+        return InvalidMessage("unknown_schema", f"{kind} is read as {cls._options.namespace}, "
+                              f"got schema {_show(schema[0]['input'])}")
+    extra = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if extra:
+        return InvalidMessage("unknown_field", f"{kind} has no field(s) {', '.join(_show(x) for x in extra[:5])}")
+    e = errors[0]
+    name, value, kind_of = str(e["loc"][0]), e["input"], e["type"]
+    where = f"{kind}.{name}"
+    if kind_of == "missing":
+        return InvalidMessage("missing_field", f"{kind} needs field '{name}'")
+    if kind_of in _WRONG_TYPE:
+        if kind_of == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+            return InvalidMessage("bad_value", f"{where} is out of range")  # an integer beyond any float
+        if len(e["loc"]) > 1:  # an entry of a list
+            return InvalidMessage("wrong_type", f"{where} must hold strings, got {_type(value)}")
+        return InvalidMessage("wrong_type", f"{where} {_WRONG_TYPE[kind_of]}, got {_type(value)}")
+    if kind_of == "finite_number":
+        return InvalidMessage("bad_value", f"{where} must be finite")
+    if kind_of in _BOUND_ERRORS:
+        return InvalidMessage("bad_timestamp" if name == "timestamp" else "bad_value",
+                              _BOUND_TEXT[name].format(v=float(value)))
+    if kind_of in CODES:  # raised by the checks above
+        return InvalidMessage(kind_of, e["ctx"]["reason"].replace("{where}", where))
+    return InvalidMessage("bad_value", f"{where}: {e['msg']}")  # pragma: no cover - a type pydantic added
 
 
 def _type(value: Any) -> str:
@@ -222,5 +294,5 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-__all__ = ["InvalidMessage", "Limits", "parse_event", "parse_catalog", "parse_request", "to_wire",
-           "EVENT_TYPES", "CATALOG_TYPES", "REQUEST_TYPES"]
+__all__ = ["InvalidMessage", "Limits", "parse_event", "parse_catalog", "parse_request", "to_wire", "wire_model",
+           "CODES", "EVENT_TYPES", "CATALOG_TYPES", "REQUEST_TYPES"]
