@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/streamrec demo
 
+# the suite in TEST_PROCESSES processes (pytest-xdist); tests that need the same session server
+# (Apache Kafka, Milvus standalone, the Redis Cluster) share a process (--dist loadgroup)
+TEST_PROCESSES ?= 2
+
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit

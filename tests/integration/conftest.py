@@ -69,6 +69,29 @@ def pytest_generate_tests(metafunc):
 STANDALONE = "milvus-standalone"
 
 
+def server_group(item: pytest.Item) -> Optional[str]:
+    """The session server only some tests need, so that ``make test``'s test processes
+    (``--dist loadgroup``) start each of them in one process only: Apache Kafka (and the hostile
+    messages, drawn once for both brokers), Milvus standalone, the Redis Cluster."""
+    names = set(getattr(item, "fixturenames", ()))
+    param = getattr(getattr(item, "callspec", None), "params", {}).get("stack")
+    if param == "apache-kafka" or "apache_kafka" in names or "hostile_examples" in names:
+        return "apache-kafka"
+    if param == STANDALONE or "milvus_standalone" in names:
+        return STANDALONE
+    if "redis_cluster" in names:
+        return "redis-cluster"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = server_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @dataclass
 class BrokerStack:
     """The embedded stack's redis-server and Milvus Lite with another Kafka broker, or the
@@ -122,8 +145,9 @@ def reliability():
     ``reports/``) when the session ends."""
     report = ReliabilityReport()
     yield report
-    path = report.write(report_dir())
-    if path is not None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # one of several test processes: the controller merges
+    path = report.write(report_dir(), part=worker)
+    if path is not None and worker is None:
         print(f"\nreliability report: {path}\n{report.text()}")
 
 

@@ -49,14 +49,35 @@ class ReliabilityReport:
         self.brokers.setdefault(broker, {"broker": broker, **{f: 0 for f in FIELDS}, "scenarios": []})
         self.brokers[broker]["skipped"] = reason
 
-    def write(self, folder: Path) -> Optional[Path]:
+    def merge(self, other: "ReliabilityReport") -> None:
+        """Add another process's figures (``make test`` runs the suite in several)."""
+        for broker, e in other.brokers.items():
+            for s in e["scenarios"]:
+                self.add(broker, s["scenario"], {k: v for k, v in s.items() if k != "scenario"})
+            if e.get("skipped"):
+                self.skipped(broker, e["skipped"])
+
+    @classmethod
+    def read(cls, path: Path) -> "ReliabilityReport":
+        report = cls()
+        report.brokers = {e["broker"]: e for e in json.loads(path.read_text())["brokers"]}
+        return report
+
+    def write(self, folder: Path, part: Optional[str] = None) -> Optional[Path]:
+        """``reliability-report.json`` and ``.txt``; with ``part`` (a test process of several),
+        ``reliability-report.<part>.part.json`` for :func:`merge_parts` to join."""
         if not self.brokers:
             return None
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "reliability-report.json"
         entries = list(self.brokers.values())
-        path.write_text(json.dumps({"written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                    "brokers": entries}, indent=2) + "\n")
+        body = json.dumps({"written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "brokers": entries},
+                          indent=2) + "\n"
+        if part is not None:
+            path = folder / f"reliability-report.{part}.part.json"
+            path.write_text(body)
+            return path
+        path = folder / "reliability-report.json"
+        path.write_text(body)
         (folder / "reliability-report.txt").write_text(self.text())
         return path
 
@@ -71,6 +92,24 @@ class ReliabilityReport:
                                   for k, v in s.items() if k != "scenario" and not isinstance(v, (dict, list)))
                 lines.append(f"  {s['scenario']}: {shown}")
         return "\n".join(lines) + "\n"
+
+
+def clear_parts(folder: Path) -> None:
+    for part in folder.glob("reliability-report.*.part.json"):
+        part.unlink()
+
+
+def merge_parts(folder: Path) -> Optional[ReliabilityReport]:
+    """Join the parts the test processes wrote into one report, written as usual; None if none."""
+    parts = sorted(folder.glob("reliability-report.*.part.json"))
+    if not parts:
+        return None
+    report = ReliabilityReport()
+    for part in parts:
+        report.merge(ReliabilityReport.read(part))
+        part.unlink()
+    report.write(folder)
+    return report
 
 
 # -- the audit --------------------------------------------------------------------------------------
