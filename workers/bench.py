@@ -76,7 +76,9 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         paced_rate = round(clicks["events_per_s"] / 2)
         _say(f"click stream paced at half that throughput ({paced_rate} events/s)")
         repeat = [{**e, "event_id": "p-" + e["event_id"]} for e in evs[: max(1, len(evs) // 4)]]
+        before = scrape()
         paced = _stream(log, s, repeat, worker, rate=paced_rate)
+        paced["stages_ms_per_event"] = _stages(before, scrape(after=before, events=len(repeat)))
         _say(f"memory per user: {max(memory_marks):,} clicks by each of 2 users, in one scene")
         memory = _bytes_per_user(log, s, worker, r, catalog, marks=memory_marks)
         worker.stop()
@@ -90,7 +92,8 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         "paced_click_stream": paced,
         "isolated_event": isolated,
         "stages": {"click_stream": clicks.pop("stages_ms_per_event"),
-                   "query_stream": queries.pop("stages_ms_per_event")},
+                   "query_stream": queries.pop("stages_ms_per_event"),
+                   "paced_click_stream": paced.pop("stages_ms_per_event")},
         "limits": limits,
         "redis_bytes_per_user": memory,
         "ratios": {
@@ -152,6 +155,8 @@ def _stages(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
     ms["other"] = max(0.0, ms["process"] - ms["parse"] - reads - ms["milvus"] - ms["encoder"] - ms["ranking"])
     out = {st: round(v, 3) for st, v in ms.items()}
     out["events"] = int(events)
+    batches = after["streamrec_batches_total"] - before["streamrec_batches_total"]
+    out["events_per_batch"] = round(events / max(batches, 1), 1)
     return out
 
 
