@@ -70,6 +70,23 @@ class CatalogBehind(RuntimeError):
     retriable = True
 
 
+async def together(*calls: Awaitable[Any]) -> list[Any]:
+    """Await ``calls`` concurrently, their results in order. The first error is raised as it is
+    (for the callers' retry to classify), once the other calls are cancelled and done."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _nothing() -> dict:
+    return {}
+
+
 def source_of(m: "RawMessage") -> str:
     return f"{m.topic}:{m.partition}"
 
@@ -349,10 +366,12 @@ class Pipeline:
         by_user: dict[str, list[tuple[RawMessage, Click | Query | ForgetUser]]] = {}
         for m, e in valid:
             by_user.setdefault(e.user_id, []).append((m, e))
-        profiles = await self.load_profiles(list(by_user))
-        # noted before any list is out, so that a worker that stops before the effects takes this batch
-        # again as it was; a batch whose effects were applied had its lists out: they go again marked
-        published = await self.profiles.begin(batch_extent(batch)) if valid else {}
+        # the batch is noted before any list is out, so that a worker that stops before the effects
+        # takes this batch again as it was; a batch whose effects were applied had its lists out:
+        # they go again marked. Lists see the ranker's weights as they were before this batch.
+        profiles, published, model = await together(
+            self.load_profiles(list(by_user)), self.profiles.begin(batch_extent(batch)) if valid else _nothing(),
+            self.profiles.model())
         flat: list[tuple[RawMessage, _Answer]] = []
         sequences: dict[str, list[tuple[RawMessage, Optional[_Answer]]]] = {}
         shown = {u: prof.shown for u, prof in profiles.items()}
@@ -366,7 +385,7 @@ class Pipeline:
         # Lists see popularity, co-clicks and the ranker's weights as they were before this batch:
         # never a click that comes after their event.
         ids = {c.no: c.item_id for c in items.values()}
-        weights = weights_from(await self.profiles.model(), self.params)
+        weights = weights_from(model, self.params)
         for (m, _), rec in zip(flat, await self.answer([a for _, a in flat], ids, weights), strict=True):
             out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
             out.count(m, "recommendations_out")
@@ -639,7 +658,16 @@ class Pipeline:
             buckets[key] = (max(limit, -(-need // 8) * 8), idx, exclude)
         if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
             buckets, late = {}, {}
-        found = await self._search_buckets(answers, buckets)
+        # The index searches run beside the store reads that do not need their results (behaviour
+        # partners, popular pools); what each read brings is merged below in a fixed order.
+        pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
+        scenes = list(dict.fromkeys(a.scene for a in answers))
+        kinds = [kind for kind in ("cooccur", "transitions") if kind not in off]
+        found, *read = await together(self._search_buckets(answers, buckets),
+                                      *(self._behaviour_read(answers, kind) for kind in kinds),
+                                      *(self._popular_pool(scene, pool_size) for scene in scenes))
+        reading = dict(zip(kinds, read[:len(kinds)], strict=True))
+        pools = dict(zip(scenes, read[len(kinds):], strict=True))
         for (_, idx, _), hits in zip(buckets.values(), found, strict=True):
             for i, h in zip(idx, hits, strict=True):
                 seen = answers[i].profile.seen
@@ -665,18 +693,11 @@ class Pipeline:
                               for c in hits if c.vector is not None or c.item_id in known]
         # Items clicked with, and right after, the user's recent clicks join the candidates.
         signals: dict[int, Signals] = {i: Signals() for i, a in enumerate(answers) if a.vector is not None}
-        if "cooccur" not in off:
-            await self._behaviour_candidates(answers, results, signals, "cooccur")
-        if "transitions" not in off:
-            await self._behaviour_candidates(answers, results, signals, "transitions")
+        for kind in kinds:
+            self._behaviour_candidates(answers, results, signals, kind, *reading[kind])
         # Popular items join every personalised list's candidates (and fill the cold-start lists).
-        pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
-        pools: dict[Optional[str], tuple[list[Candidate], dict[str, float]]] = {}
         newest: Optional[list[Candidate]] = None  # read only when a list needs filling
         produced: list[Recommendations] = []
-        for a in answers:
-            if a.scene not in pools:
-                pools[a.scene] = await self._popular_pool(a.scene, pool_size)
         if "text" not in off and signals:  # how thin each candidate's behaviour is
             ids_ = {c.item_id for i in signals for c in results.get(i, ())}
             ids_.update(c.item_id for pool, _ in pools.values() for c in pool)
@@ -753,13 +774,10 @@ class Pipeline:
         await asyncio.gather(*(search(key) for key in keys if key not in out))
         return [out[key] for key in keys]
 
-    async def _behaviour_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
-                                    signals: dict[int, Signals], kind: str) -> None:
-        """For each personalised list: items co-clicked with the user's last ``cooccur_sources``
-        clicks (``kind`` "cooccur"), or clicked right after the last ``transition_sources`` ones,
-        the nearest weighing most ("transitions"). Each item's summed score and the title of the
-        click that gives it most go into ``signals``; the best ``k * oversample`` join the
-        candidates (``results``) with their cosine similarity."""
+    async def _behaviour_read(self, answers: Sequence[_Answer], kind: str
+                              ) -> tuple[dict[int, list[str]], dict[str, list[tuple[str, float]]], dict[str, Candidate]]:
+        """What :meth:`_behaviour_candidates` needs from the stores: per personalised list its
+        sources (the user's last clicks, newest first), their partners, and the items of both."""
         p = self.params
         co = kind == "cooccur"
         n_sources = p.cooccur_sources if co else p.transition_sources
@@ -768,10 +786,22 @@ class Pipeline:
                    for i, a in enumerate(answers) if a.vector is not None}
         all_sources = list(dict.fromkeys(x for xs in sources.values() for x in xs))
         if not all_sources:
-            return
+            return sources, {}, {}
         read = self.profiles.cooccurring if co else self.profiles.transitions
         partners = await read(all_sources, p.cooccur_fanout if co else p.transition_fanout)
         known = await self.fetch_items([*all_sources, *(y for ys in partners.values() for y, _ in ys)])
+        return sources, partners, known
+
+    def _behaviour_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
+                              signals: dict[int, Signals], kind: str, sources: dict[int, list[str]],
+                              partners: dict[str, list[tuple[str, float]]], known: dict[str, Candidate]) -> None:
+        """For each personalised list: items co-clicked with the user's last ``cooccur_sources``
+        clicks (``kind`` "cooccur"), or clicked right after the last ``transition_sources`` ones,
+        the nearest weighing most ("transitions"), from :meth:`_behaviour_read`. Each item's
+        summed score and the title of the click that gives it most go into ``signals``; the best
+        ``k * oversample`` join the candidates (``results``) with their cosine similarity."""
+        p = self.params
+        co = kind == "cooccur"
         # per source: its partners' ids, catalog numbers and scores, as arrays
         table: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
         for x, ys in partners.items():
