@@ -19,6 +19,7 @@ they were before their batch.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import base64
 import copy
 import json
@@ -711,9 +712,11 @@ class Pipeline:
                 candidates = results.get(i, [])
                 if "popularity" not in off:
                     signals[i].popularity = popularity
-                    extra = [c for c in popular if c.no not in a.profile.seen and c.item_id not in a.exclude]
+                    # the first ``k * oversample`` unseen: the pool is read up to them, not scanned whole
+                    extra = list(itertools.islice((c for c in popular if c.no not in a.profile.seen
+                                                   and c.item_id not in a.exclude), a.k * p.oversample))
                     candidates = candidates + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
-                                               for c in extra[: a.k * p.oversample]]
+                                               for c in extra]
                 with self.metrics.stage("ranking"):
                     ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
                                   only_categories=a.only_categories, signals=signals[i], weights=weights)
