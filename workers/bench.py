@@ -143,16 +143,20 @@ def _scraper(s: Settings):
 
 
 def _stages(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Milliseconds per event in each stage between two scrapes (``streams.metrics``); ``other`` is
-    the batch compute that no store, encoder, parse or ranking call took (the pipeline's own Python)."""
+    """Milliseconds per event in each stage between two scrapes (``streams.metrics``): the wall
+    time of its calls. ``overlapped`` is how much of them ran side by side (they then add up to
+    more than ``process``); ``other`` the batch compute that no call took (the pipeline's own)."""
     from streams.metrics import STAGES
 
     events = after["streamrec_events_total"] - before["streamrec_events_total"]
     ms = {st: 1e3 * (after[f'streamrec_stage_seconds_sum{{stage="{st}"}}'] -
                      before[f'streamrec_stage_seconds_sum{{stage="{st}"}}']) / max(events, 1) for st in STAGES}
-    # process holds parse, milvus, encoder, ranking and the Redis reads; commit holds the Redis writes
+    # process holds parse, milvus, encoder, ranking and the Redis reads; commit holds the Redis writes.
+    # A batch's searches run beside its reads: what the calls' wall times add up to beyond process
+    # is time they ran side by side ("overlapped"); else the rest is the pipeline's own ("other").
     reads = ms["redis"] - ms["commit"]
-    ms["other"] = max(0.0, ms["process"] - ms["parse"] - reads - ms["milvus"] - ms["encoder"] - ms["ranking"])
+    rest = ms["process"] - ms["parse"] - reads - ms["milvus"] - ms["encoder"] - ms["ranking"]
+    ms["other"], ms["overlapped"] = max(0.0, rest), max(0.0, -rest)
     out = {st: round(v, 3) for st, v in ms.items()}
     out["events"] = int(events)
     batches = after["streamrec_batches_total"] - before["streamrec_batches_total"]

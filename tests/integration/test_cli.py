@@ -116,4 +116,5 @@ def test_bench_reports_streams_and_limits(tmp_path):
         assert st["events"] >= r[stream]["events"]  # the worker counted every event of the stream
         assert st["process"] > 0 and st["publish"] > 0 and st["redis"] > 0 and st["parse"] > 0
         assert st["process"] >= st["parse"] + st["ranking"]
+        assert st["other"] >= 0 and st["overlapped"] >= 0 and min(st["other"], st["overlapped"]) == 0
     assert r["stages"]["query_stream"]["encoder"] > 0 and r["stages"]["click_stream"]["milvus"] > 0
