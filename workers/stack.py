@@ -9,16 +9,36 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_MARKS = Path(tempfile.gettempdir()) / "streamrec-ports"
+
+
+def free_port(hold_s: float = 300.0, marks: Path = PORT_MARKS) -> int:
+    """A free loopback port that no process on this machine took from here in the last
+    ``hold_s`` seconds: between this call and its server's bind, another process (e.g. a second
+    test process) is not handed the same port. A mark file per port says who holds it."""
+    marks.mkdir(parents=True, exist_ok=True)
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mark = marks / str(port)
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return port
+        except FileExistsError:
+            try:  # held: take another; a stale mark is cleared for a later call
+                if time.time() - mark.stat().st_mtime > hold_s:
+                    mark.unlink()
+            except FileNotFoundError:
+                pass
+    raise RuntimeError(f"no free port without a mark in {marks} after 200 tries")
 
 
 def wait_for(check, what: str, timeout_s: float = 60.0, proc: Optional[subprocess.Popen] = None,
