@@ -116,7 +116,8 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
             t1 = time.perf_counter()
             await retry_forever(lambda out=out: publish(out), backoff, what=f"{name} publish", log=log,
                                 on_retry=metrics.retried)
-            view.observe(out.recommendations)
+            if view is not None:  # the live page is served: it shows the lists just published
+                view.observe(out.recommendations)
             t2 = time.perf_counter()
             if name == "events":
                 metrics.add("process", t1 - t0)
@@ -193,7 +194,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         from streams.ui import LiveView, user_view
 
         metrics = pipeline.metrics
-        view = LiveView()
+        view = LiveView() if settings.metrics_port else None
         agents: dict[str, str] = {}
 
         if settings.metrics_port:
