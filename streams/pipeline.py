@@ -19,9 +19,9 @@ they were before their batch.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import base64
 import copy
+import itertools
 import json
 import logging
 import time
@@ -664,11 +664,10 @@ class Pipeline:
         pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
         scenes = list(dict.fromkeys(a.scene for a in answers))
         kinds = [kind for kind in ("cooccur", "transitions") if kind not in off]
-        found, *read = await together(self._search_buckets(answers, buckets),
-                                      *(self._behaviour_read(answers, kind) for kind in kinds),
-                                      *(self._popular_pool(scene, pool_size) for scene in scenes))
-        reading = dict(zip(kinds, read[:len(kinds)], strict=True))
-        pools = dict(zip(scenes, read[len(kinds):], strict=True))
+        found, (reading, behaviour_items), *pooled = await together(
+            self._search_buckets(answers, buckets), self._behaviour_read(answers, kinds),
+            *(self._popular_pool(scene, pool_size) for scene in scenes))
+        pools = dict(zip(scenes, pooled, strict=True))
         for (_, idx, _), hits in zip(buckets.values(), found, strict=True):
             for i, h in zip(idx, hits, strict=True):
                 seen = answers[i].profile.seen
@@ -695,7 +694,7 @@ class Pipeline:
         # Items clicked with, and right after, the user's recent clicks join the candidates.
         signals: dict[int, Signals] = {i: Signals() for i, a in enumerate(answers) if a.vector is not None}
         for kind in kinds:
-            self._behaviour_candidates(answers, results, signals, kind, *reading[kind])
+            self._behaviour_candidates(answers, results, signals, kind, *reading[kind], behaviour_items)
         # Popular items join every personalised list's candidates (and fill the cold-start lists).
         newest: Optional[list[Candidate]] = None  # read only when a list needs filling
         produced: list[Recommendations] = []
@@ -777,23 +776,29 @@ class Pipeline:
         await asyncio.gather(*(search(key) for key in keys if key not in out))
         return [out[key] for key in keys]
 
-    async def _behaviour_read(self, answers: Sequence[_Answer], kind: str
-                              ) -> tuple[dict[int, list[str]], dict[str, list[tuple[str, float]]], dict[str, Candidate]]:
-        """What :meth:`_behaviour_candidates` needs from the stores: per personalised list its
-        sources (the user's last clicks, newest first), their partners, and the items of both."""
+    async def _behaviour_read(self, answers: Sequence[_Answer], kinds: Sequence[str]
+                              ) -> tuple[dict[str, tuple[dict[int, list[str]], dict[str, list[tuple[str, float]]]]],
+                                         dict[str, Candidate]]:
+        """What :meth:`_behaviour_candidates` needs from the stores, for each of ``kinds``: per
+        personalised list its sources (the user's last clicks, newest first) and their partners;
+        and the items of all of them, fetched once for every kind."""
         p = self.params
-        co = kind == "cooccur"
-        n_sources = p.cooccur_sources if co else p.transition_sources
-        sources = {i: list(dict.fromkeys(h["item_id"] for h in reversed(a.profile.history)
-                                         if h["type"] == "click"))[:n_sources]  # newest first
-                   for i, a in enumerate(answers) if a.vector is not None}
-        all_sources = list(dict.fromkeys(x for xs in sources.values() for x in xs))
-        if not all_sources:
-            return sources, {}, {}
-        read = self.profiles.cooccurring if co else self.profiles.transitions
-        partners = await read(all_sources, p.cooccur_fanout if co else p.transition_fanout)
-        known = await self.fetch_items([*all_sources, *(y for ys in partners.values() for y, _ in ys)])
-        return sources, partners, known
+        sources: dict[str, dict[int, list[str]]] = {}
+        reads = []
+        for kind in kinds:
+            co = kind == "cooccur"
+            n_sources = p.cooccur_sources if co else p.transition_sources
+            sources[kind] = {i: list(dict.fromkeys(h["item_id"] for h in reversed(a.profile.history)
+                                                   if h["type"] == "click"))[:n_sources]  # newest first
+                             for i, a in enumerate(answers) if a.vector is not None}
+            all_sources = list(dict.fromkeys(x for xs in sources[kind].values() for x in xs))
+            read = self.profiles.cooccurring if co else self.profiles.transitions
+            reads.append(read(all_sources, p.cooccur_fanout if co else p.transition_fanout) if all_sources
+                         else _nothing())
+        partners = dict(zip(kinds, await together(*reads), strict=True))
+        known = await self.fetch_items([*(x for kind in kinds for xs in sources[kind].values() for x in xs),
+                                        *(y for kind in kinds for ys in partners[kind].values() for y, _ in ys)])
+        return {kind: (sources[kind], partners[kind]) for kind in kinds}, known
 
     def _behaviour_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
                               signals: dict[int, Signals], kind: str, sources: dict[int, list[str]],
