@@ -74,13 +74,20 @@ def java_major(java: str) -> int:
     return int(m.group(2) or 0) if major == 1 else major  # "1.8.0_392" is java 8
 
 
+def cached_libs(version: str, cache_root: Path = CACHE_ROOT) -> Optional[Path]:
+    """The folder of the broker's jars for ``version`` if a resolution completed it, else None."""
+    libs = cache_root / f"kafka-{version}" / "libs"
+    return libs if (libs / COMPLETE).exists() else None
+
+
 def resolve_libs(version: str, cache_root: Path = CACHE_ROOT, pom: Path = POM, timeout_s: float = 600) -> Path:
     """The folder of the broker's jars for ``version``: reused when complete, else filled by
     Maven from Maven Central (into a temporary folder first, so an interrupted run leaves nothing
     half done)."""
-    libs = cache_root / f"kafka-{version}" / "libs"
-    if (libs / COMPLETE).exists():
+    libs = cached_libs(version, cache_root)
+    if libs is not None:
         return libs
+    libs = cache_root / f"kafka-{version}" / "libs"
     mvn = shutil.which("mvn")
     if not mvn:
         raise KafkaUnavailable(f"maven (mvn) not found on PATH, and the Apache Kafka {version} jars are not "
@@ -117,7 +124,7 @@ def auto_broker(cache_root: Path = CACHE_ROOT, pom: Path = POM) -> tuple[str, st
     except KafkaUnavailable as exc:
         return "tansu", str(exc)
     version = pinned_version(pom)
-    cached = (cache_root / f"kafka-{version}" / "libs" / COMPLETE).exists()
+    cached = cached_libs(version, cache_root) is not None
     if not cached and not shutil.which("mvn"):
         return "tansu", f"maven (mvn) not found on PATH, and the Apache Kafka {version} jars are not cached"
     return "apache-kafka", f"java {MIN_JAVA}+ found, Apache Kafka {version} jars {'cached' if cached else 'fetched by maven'}"

@@ -22,7 +22,8 @@ PORT_MARKS = Path(tempfile.gettempdir()) / "streamrec-ports"
 def free_port(hold_s: float = 300.0, marks: Path = PORT_MARKS) -> int:
     """A free loopback port that no process on this machine took from here in the last
     ``hold_s`` seconds: between this call and its server's bind, another process (e.g. a second
-    test process) is not handed the same port. A mark file per port says who holds it."""
+    test process) is not handed the same port. An empty mark file per port, made with
+    ``O_EXCL``, holds it."""
     marks.mkdir(parents=True, exist_ok=True)
     for _ in range(200):
         with socket.socket() as s:
