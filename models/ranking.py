@@ -111,14 +111,15 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
         seen_ids.add(c.item_id)
         pool.append(c)
     X = features(profile, pool, scene, categories, params, signals)
-    scores = X @ w if len(pool) else np.zeros(0)
+    scores = (X @ w).tolist() if len(pool) else []
     order = sorted(range(len(pool)), key=lambda i: (-scores[i], pool[i].item_id))
     out = RankedList()
     top = order[: params.impression_size]
     out.impression = Impression.of([pool[i].no for i in top], X[top]) if top else Impression()
-    remaining = [(float(scores[i]), i) for i in order]
+    remaining = [(scores[i], i) for i in order]
     per_category: dict[str, int] = {}
-    while remaining and len(out) < k:
+    chosen: list[tuple[int, float]] = []
+    while remaining and len(chosen) < k:
         best_j, best_s = 0, -np.inf
         for j, (s, i) in enumerate(remaining):
             adj = s - params.diversity * per_category.get(pool[i].category, 0)
@@ -127,10 +128,14 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
             if s < best_s:  # sorted by s: nothing later can win
                 break
         _, i = remaining.pop(best_j)
-        c = pool[i]
-        per_category[c.category] = per_category.get(c.category, 0) + 1
-        out.append(Ranked(c.item_id, round(float(best_s), 6),
-                          explain(profile, c, dist, params, X[i] * w, signals), c.title, c.category))
+        per_category[pool[i].category] = per_category.get(pool[i].category, 0) + 1
+        chosen.append((i, best_s))
+    if chosen:
+        contributions = (X[[i for i, _ in chosen]] * w).tolist()
+        for (i, s), contrib in zip(chosen, contributions):
+            c = pool[i]
+            out.append(Ranked(c.item_id, round(s, 6), explain(profile, c, dist, params, contrib, signals),
+                              c.title, c.category))
     return out
 
 
@@ -138,14 +143,14 @@ _GROUPS = {"text": (0, 6, 10), "cooccur": (1, 7), "transitions": (2, 8), "popula
 
 
 def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: ModelParams,
-            contributions: Optional[np.ndarray] = None, signals: Optional[Signals] = None) -> str:
+            contributions: Optional[Sequence[float]] = None, signals: Optional[Signals] = None) -> str:
     """A short reason from the signal that adds most to the item's score (``contributions``: weight
     times feature): the recent click it is often clicked with or after, the recent click or query it
     is closest to, the interest it matches, or its popularity."""
     signals = signals or Signals()
     order = ["text"]
     if contributions is not None:
-        order = sorted(_GROUPS, key=lambda g: -sum(contributions[j] for j in _GROUPS[g]))
+        order = sorted(_GROUPS, key=lambda g: -sum([contributions[j] for j in _GROUPS[g]]))
     for group in order:
         if group == "transitions" and item.item_id in signals.transitions_from:
             return f"often clicked after {_clip(signals.transitions_from[item.item_id])}"

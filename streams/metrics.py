@@ -44,9 +44,9 @@ class Metrics:
         self._events = Counter("streamrec_events", "Events in those batches.", registry=self.registry)
         self._last = Gauge("streamrec_last_batch_time_seconds", "Unix time the last events batch was done.",
                            registry=self.registry)
-        self.probes = Counter("streamrec_exclusion_probes", "Searches of lists with long seen sets: answered by "
-                              "a plain search (hit) or by a filtered one after it (miss).", ["outcome"],
-                              registry=self.registry)
+        self.probes = Counter("streamrec_exclusion_probes", "Lists whose candidates came from the batch's first "
+                              "plain search (hit), or from a second search that over-fetched by the seen set or "
+                              "excluded it in the index (miss).", ["outcome"], registry=self.registry)
         self._stats = Counter("streamrec_stats", "The worker's counters (the names of `streamrec stats`: events_in, "
                               "events_applied, redelivered, dead_letters, recommendations_out, ...) for the "
                               "batches this process completed.", ["name"], registry=self.registry)

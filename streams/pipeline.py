@@ -50,8 +50,9 @@ log = logging.getLogger("streamrec.pipeline")
 MODEL_VERSION = "streamrec-1"
 #: Seen sets at least this large are excluded in the item index instead of over-fetched.
 EXCLUDE_IN_INDEX = 64
-#: Lists with such exclusions first try a plain search of this many times their limit.
-PROBE = 4
+#: Every list first takes its candidates from a plain search of (at most) this many times its
+#: limit; only where its seen items leave too few does it search again.
+PROBE = 2
 
 
 @dataclass
@@ -167,6 +168,34 @@ class _SeenView:
 
     def __len__(self) -> int:
         return len(self.base) + len(self.added)
+
+
+class _Union:
+    """A long seen set and the user's clicks later in the batch: what its index search excludes."""
+
+    __slots__ = ("base", "later", "all")
+
+    def __init__(self, base: set[int], later: set[int]) -> None:
+        self.base, self.later = base, later
+        self.all = base | later if later else base
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.later or item in self.base
+
+
+@dataclass
+class _Plan:
+    """How one list's candidates are searched (:meth:`Pipeline._search`): ``limit`` unseen items
+    wanted, ``probe`` hits asked of the first plain search, ``drop`` the items not to keep from it;
+    ``owner`` (the id of a long seen set) when a second search excludes ``drop`` in the index,
+    else a second search asks ``need`` hits."""
+
+    limit: int
+    only: tuple[str, ...]
+    probe: int
+    drop: Any
+    owner: Optional[int]
+    need: int = 0
 
 
 class _Titles(Mapping[str, str]):
@@ -625,16 +654,19 @@ class Pipeline:
         for a in answers:
             a.vector = query_vector(a.profile, a.scene, p)
         results: dict[int, list[Candidate]] = {}
-        # One search per bucket. Small seen sets are over-fetched (the limit grows by their size).
-        # A large one is excluded in the index, once for all of its user's lists in the batch: the
+        # Every list is ranked from the same candidates however it is batched: the best
+        # ``limits[i]`` items by cosine among those unseen when the list is made. Each list first
+        # takes them from one plain batched search that over-fetches a little (``_search``); a list
+        # whose unseen items fall short searches again: a small seen set over-fetched by its size,
+        # a large one excluded in the index, once for all of its user's lists in the batch (the
         # seen set after the whole batch is excluded, and the items the user clicks later in the
-        # batch (unseen when an earlier list is made) join that list's candidates, scored here.
+        # batch, unseen when an earlier list is made, join that list's candidates, scored here).
         final: dict[int, tuple[Any, set[int]]] = {}  # id(seen before the batch) -> (it, + batch clicks)
         for a in answers:
             seen = a.profile.seen
             if a.vector is not None and isinstance(seen, _SeenView):
                 final.setdefault(id(seen.base), (seen.base, set()))[1].update(seen.added)
-        buckets: dict[tuple, tuple[int, list[int], Any]] = {}
+        plans: dict[int, _Plan] = {}
         late: dict[int, list[str]] = {}
         limits: dict[int, int] = {}
         for i, a in enumerate(answers):
@@ -643,35 +675,27 @@ class Pipeline:
             seen = a.profile.seen
             base, added = (seen.base, seen.added) if isinstance(seen, _SeenView) else (seen, frozenset())
             batch_clicks = final[id(base)][1] if id(base) in final else set()
-            # Every list is ranked from the same candidates however it is batched: the best
-            # ``limits[i]`` items by cosine among those unseen when the list is made.
-            limits[i] = need = -(-(a.k * p.oversample + len(a.exclude)) // 8) * 8
+            limits[i] = lim = -(-(a.k * p.oversample + len(a.exclude)) // 8) * 8
             if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
-                key: tuple = (a.only_categories, id(base))
-                exclude: Any = (base, batch_clicks)
                 late[i] = [ids[c] for c in batch_clicks if c not in added and c not in base and c in ids]
+                plans[i] = _Plan(lim, a.only_categories, lim * PROBE, _Union(base, batch_clicks), id(base))
             else:
-                need += len(seen)
-                key = (a.only_categories, None, -(-need // 8))  # few distinct limits: few searches
-                exclude = None
-            limit, idx, _ = buckets.get(key, (0, [], exclude))
-            idx.append(i)
-            buckets[key] = (max(limit, -(-need // 8) * 8), idx, exclude)
+                need = -(-(lim + len(seen)) // 8) * 8
+                plans[i] = _Plan(lim, a.only_categories, min(need, lim * PROBE), seen, None, need)
         if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
-            buckets, late = {}, {}
+            plans, late = {}, {}
         # The index searches run beside the store reads that do not need their results (behaviour
         # partners, popular pools); what each read brings is merged below in a fixed order.
         pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
         scenes = list(dict.fromkeys(a.scene for a in answers))
         kinds = [kind for kind in ("cooccur", "transitions") if kind not in off]
         found, (reading, behaviour_items), *pooled = await together(
-            self._search_buckets(answers, buckets), self._behaviour_read(answers, kinds),
+            self._search(answers, plans), self._behaviour_read(answers, kinds),
             *(self._popular_pool(scene, pool_size) for scene in scenes))
         pools = dict(zip(scenes, pooled, strict=True))
-        for (_, idx, _), hits in zip(buckets.values(), found, strict=True):
-            for i, h in zip(idx, hits, strict=True):
-                seen = answers[i].profile.seen
-                results[i] = [c for c in h if c.no not in seen][: limits[i]]
+        for i, hits in found.items():
+            seen = answers[i].profile.seen
+            results[i] = [c for c in hits if c.no not in seen][: limits[i]]
         if late:
             known = await self.fetch_items([c for ids in late.values() for c in ids])
             for i, ids in late.items():
@@ -736,45 +760,46 @@ class Pipeline:
                 produced_time=self.clock(), scene=a.scene, cold_start=a.vector is None, duplicate=a.duplicate))
         return produced
 
-    async def _search_buckets(self, answers: Sequence[_Answer], buckets: dict[tuple, tuple[int, list[int], Any]]
-                              ) -> list[list[list[Candidate]]]:
-        """Each bucket's search: the best ``limit`` items for each of its vectors, not in its
-        exclusion sets. Buckets with exclusions (long seen sets, whose filter costs the index far
-        more than a plain search) first try one plain batched search of ``PROBE`` times the limit:
-        a bucket whose every row keeps ``limit`` items after its exclusions has exactly what the
-        filtered search would give; the others search with the filter. Separate searches run
-        concurrently."""
-        keys = list(buckets)
-        out: dict[tuple, list[list[Candidate]]] = {}
-        probes: dict[tuple, list[tuple]] = {}  # only -> keys of buckets with exclusions
-        for key in keys:
-            if buckets[key][2]:
-                probes.setdefault(key[0], []).append(key)
+    async def _search(self, answers: Sequence[_Answer], plans: dict[int, "_Plan"]) -> dict[int, list[Candidate]]:
+        """Each planned list's search hits, by answer index, best first: enough that its best
+        ``limit`` unseen items are among them. First one plain batched search per group of lists
+        (by the categories they are limited to), of the group's largest ``probe``: a list that
+        keeps ``limit`` items after dropping its seen ones (or that got all the index has) has
+        exactly what a search excluding them would give. The others search again: a short seen set
+        over-fetched by its size (one search per few distinct limits), a long one excluded in the
+        index (one search per user). Separate searches run concurrently."""
+        out: dict[int, list[Candidate]] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, plan in plans.items():
+            groups.setdefault(plan.only, []).append(i)
 
-        async def probe(only: tuple, group: list[tuple]) -> None:
-            limit = max(buckets[k][0] for k in group) * PROBE
-            rows = np.stack([answers[i].vector for k in group for i in buckets[k][1]])
-            hits = await self._run(self.items.search, rows, limit, only, ())
-            at = 0
-            for k in group:
-                lim, idx, exclude = buckets[k]
-                excluded = set().union(*exclude)
-                kept = [[c for c in h if c.no not in excluded][:lim] for h in hits[at:at + len(idx)]]
-                at += len(idx)
-                if all(len(row) == lim or len(h) < limit for row, h in zip(kept, hits[at - len(idx):at])):
-                    out[k] = kept  # every row is full, or the index has nothing more to give
-                self.metrics.probes.labels("hit" if k in out else "miss").inc()
+        async def probe(only: tuple[str, ...], idx: list[int]) -> None:
+            limit = max(plans[i].probe for i in idx)
+            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only, ())
+            for i, h in zip(idx, hits, strict=True):
+                plan = plans[i]
+                kept = [c for c in h if c.no not in plan.drop][:plan.limit]
+                if len(kept) == plan.limit or len(h) < limit:  # full, or the index has nothing more to give
+                    out[i] = kept
+                self.metrics.probes.labels("hit" if i in out else "miss").inc()
 
-        await asyncio.gather(*(probe(only, group) for only, group in probes.items()))
+        await asyncio.gather(*(probe(only, idx) for only, idx in groups.items()))
+        again: dict[tuple, list[int]] = {}
+        for i, plan in plans.items():
+            if i not in out:  # long seen sets: one search per user; short ones: few distinct limits
+                key = (plan.only, plan.owner) if plan.owner is not None else (plan.only, None, plan.need)
+                again.setdefault(key, []).append(i)
 
-        async def search(key: tuple) -> None:
-            limit, idx, exclude = buckets[key]
-            excluded = set().union(*exclude) if exclude else ()
-            out[key] = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, key[0],
-                                       excluded)
+        async def search(key: tuple, idx: list[int]) -> None:
+            first = plans[idx[0]]
+            limit = max(plans[i].need if first.owner is None else plans[i].limit for i in idx)
+            excluded = first.drop.all if first.owner is not None else ()
+            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, key[0],
+                                   excluded)
+            out.update(zip(idx, hits, strict=True))
 
-        await asyncio.gather(*(search(key) for key in keys if key not in out))
-        return [out[key] for key in keys]
+        await asyncio.gather(*(search(key, idx) for key, idx in again.items()))
+        return out
 
     async def _behaviour_read(self, answers: Sequence[_Answer], kinds: Sequence[str]
                               ) -> tuple[dict[str, tuple[dict[int, list[str]], dict[str, list[tuple[str, float]]]]],

@@ -218,8 +218,9 @@ def test_a_concurrent_writer_makes_the_batch_conflict_and_apply_once_when_proces
     assert asyncio.run(store.stats())["events_applied"] == 1
 
 
+@pytest.mark.parametrize("probe", [2, 1])
 @pytest.mark.parametrize("exclude_in_index", [64, 1])
-def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_index):
+def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_index, probe):
     """Each list sees the profile right after its event: nothing from later events in the batch,
     whether seen items are over-fetched or excluded in the index (with later clicks of the batch
     added back). The shared signals (popularity, co-clicks, steps, learned weights) are off: they
@@ -227,6 +228,7 @@ def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_i
     import streams.pipeline
 
     monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", exclude_in_index)
+    monkeypatch.setattr(streams.pipeline, "PROBE", probe)
     events = [click("e1", "u", items_of("jazz")[0], scene="tv"), click("e2", "u", items_of("cooking")[0], scene="tv"),
               {"type": "query", "event_id": "e3", "user_id": "u", "text": "slow cooked stew", "timestamp": 1000.0,
                "scene": "tv"},
@@ -242,13 +244,15 @@ def test_lists_do_not_depend_on_how_events_are_batched(monkeypatch, exclude_in_i
            [[i["item_id"] for i in r["items"]] for r in one_by_one]
 
 
+@pytest.mark.parametrize("probe", [2, 1])
 @pytest.mark.parametrize("exclude_in_index", [64, 1])
-def test_a_list_never_sees_events_after_its_own(monkeypatch, exclude_in_index):
+def test_a_list_never_sees_events_after_its_own(monkeypatch, exclude_in_index, probe):
     """The list for the first event of a batch, and the candidates it was ranked from, are those
     it gets alone, however many later clicks (its user's own, or everyone's) share the batch."""
     import streams.pipeline
 
     monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", exclude_in_index)
+    monkeypatch.setattr(streams.pipeline, "PROBE", probe)
     ranked_from: list[list[str]] = []  # candidates of each list, in the order lists are made
     real_rank = streams.pipeline.rank
 
@@ -281,14 +285,20 @@ def test_seen_items_excluded_in_the_index_or_over_fetched_give_the_same_lists(mo
     batches = [[click(f"a{n}", "u", item) for n, item in enumerate(jazz[:4])],
                [click(f"b{n}", "u", item) for n, item in enumerate([*jazz[4:], *travel[:4]])]
                + [click(f"c{n}", f"v{n % 2}", jazz[n % 3]) for n in range(6)]]
-    lists = {}
+    lists, probes = {}, {}
     for threshold in (1, 10_000):
-        monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", threshold)
-        p = make_pipeline()
-        run_catalog(p, msgs(CATALOG, "catalog"))
-        lists[threshold] = [[i["item_id"] for i in r["items"]]
-                            for b in batches for r in recs(run_events(p, msgs(b)))]
-    assert lists[1] == lists[10_000] and len(lists[1]) == sum(map(len, batches))
+        for probe in (1, 2, 50):  # the first plain search: too short for many lists, or long enough
+            monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", threshold)
+            monkeypatch.setattr(streams.pipeline, "PROBE", probe)
+            p = make_pipeline()
+            run_catalog(p, msgs(CATALOG, "catalog"))
+            lists[threshold, probe] = [[i["item_id"] for i in r["items"]]
+                                       for b in batches for r in recs(run_events(p, msgs(b)))]
+            probes[threshold, probe] = {o: p.metrics.probes.labels(o)._value.get() for o in ("hit", "miss")}
+    assert all(got == lists[1, 2] for got in lists.values()) and len(lists[1, 2]) == sum(map(len, batches))
+    # the lists are the same whether their first search sufficed or they searched again
+    assert probes[1, 1]["miss"] > 0 and probes[10_000, 1]["miss"] > 0
+    assert probes[1, 50]["miss"] == probes[10_000, 50]["miss"] == 0
 
 
 def test_items_clicked_together_by_others_are_recommended_with_that_reason():
