@@ -52,7 +52,7 @@ MODEL_VERSION = "streamrec-1"
 EXCLUDE_IN_INDEX = 64
 #: Every list first takes its candidates from a plain search of (at most) this many times its
 #: limit; only where its seen items leave too few does it search again.
-PROBE = 2
+PROBE = 1.5
 
 
 @dataclass
@@ -678,10 +678,10 @@ class Pipeline:
             limits[i] = lim = -(-(a.k * p.oversample + len(a.exclude)) // 8) * 8
             if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
                 late[i] = [ids[c] for c in batch_clicks if c not in added and c not in base and c in ids]
-                plans[i] = _Plan(lim, a.only_categories, lim * PROBE, _Union(base, batch_clicks), id(base))
+                plans[i] = _Plan(lim, a.only_categories, int(lim * PROBE), _Union(base, batch_clicks), id(base))
             else:
                 need = -(-(lim + len(seen)) // 8) * 8
-                plans[i] = _Plan(lim, a.only_categories, min(need, lim * PROBE), seen, None, need)
+                plans[i] = _Plan(lim, a.only_categories, min(need, int(lim * PROBE)), seen, None, need)
         if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
             plans, late = {}, {}
         # The index searches run beside the store reads that do not need their results (behaviour
