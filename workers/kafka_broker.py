@@ -130,6 +130,20 @@ def auto_broker(cache_root: Path = CACHE_ROOT, pom: Path = POM) -> tuple[str, st
     return "apache-kafka", f"java {MIN_JAVA}+ found, Apache Kafka {version} jars {'cached' if cached else 'fetched by maven'}"
 
 
+def formatted_cluster_id(data: Path) -> Optional[str]:
+    """The cluster id of a log directory formatted before (its ``meta.properties``), or None: a
+    broker started again on its data must be formatted with the same id, or the format fails."""
+    try:
+        text = (data / "meta.properties").read_text()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "cluster.id" and value.strip():
+            return value.strip()
+    return None
+
+
 def random_cluster_id() -> str:
     """A KRaft cluster id: a random UUID in URL-safe base64 without padding, as
     ``kafka-storage.sh random-uuid`` prints (never starting with '-')."""
@@ -347,7 +361,8 @@ class ApacheKafka:
         base = [java, *HEAP, *JVM_OPTS, f"-Dlog4j2.configurationFile={log4j}",
                 f"-Dkafka.logs.dir={self.base_dir}", "-cp", str(libs / "*")]
         fmt = subprocess.run([*base, "kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted",
-                              "--cluster-id", random_cluster_id(), "--config", str(props), *scram],
+                              "--cluster-id", formatted_cluster_id(data) or random_cluster_id(), "--config", str(props),
+                              *scram],
                              capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
                              check=False)
         if fmt.returncode != 0:

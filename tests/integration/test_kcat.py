@@ -1,6 +1,7 @@
 """Integration by events with a client that is not ours: kcat (librdkafka) publishes the catalog
 and events to the stack that ``streamrec up`` starts (Apache Kafka, since Java 17 runs here), and
-reads the lists and the dead letters back."""
+reads the lists and the dead letters back, also after ``streamrec up`` is started again on the
+same data."""
 
 from __future__ import annotations
 
@@ -48,12 +49,23 @@ def test_kcat_publishes_and_reads_back_on_streamrec_up_with_apache_kafka(tmp_pat
         ApacheKafka(tmp_path).check()
     except KafkaUnavailable as exc:
         pytest.skip(f"Apache Kafka not available: {exc}")
-    up = subprocess.Popen(CLI + ["up", "--data-dir", str(tmp_path / "stack"),  # the default broker: auto
-                                 "--kafka-port", "0", "--redis-port", "0", "--milvus-port", "0"],
-                          stdout=subprocess.PIPE, text=True, start_new_session=True)
+    def streamrec_up() -> tuple[subprocess.Popen, dict]:
+        proc = subprocess.Popen(CLI + ["up", "--data-dir", str(tmp_path / "stack"),  # the default broker: auto
+                                       "--kafka-port", "0", "--redis-port", "0", "--milvus-port", "0"],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        line = proc.stdout.readline()  # printed once every service answers
+        if not line:
+            proc.kill()
+            raise AssertionError(f"streamrec up exited {proc.wait(60)} before its services answered")
+        return proc, json.loads(line)
+
+    def stop(proc: subprocess.Popen) -> None:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(90) == 0
+
+    up, info = streamrec_up()
     worker = None
     try:
-        info = json.loads(up.stdout.readline())  # printed once every service answers
         assert info["versions"]["broker"].startswith("apache-kafka ")
         run = f"kcat-{uuid.uuid4().hex[:8]}"
         s = Settings(kafka_bootstrap=info["kafka"], redis_url=info["redis"], milvus_uri=info["milvus"],
@@ -79,8 +91,16 @@ def test_kcat_publishes_and_reads_back_on_streamrec_up_with_apache_kafka(tmp_pat
         (dead,) = kcat_consume(kcat, s.kafka_bootstrap, s.topic_deadletter)
         assert dead[0] == "kc9" and json.loads(dead[1])["error"] == "bad_json"
         r.close()
+        # stopped and started again on the same data (as a user does with the default data
+        # folder), the broker comes back with its topics: the lists are still there to read
+        worker.stop()
+        worker = None
+        stop(up)
+        up, info = streamrec_up()
+        again = {json.loads(v)["trigger_event_id"]: json.loads(v)
+                 for _, v in kcat_consume(kcat, info["kafka"], s.topic_recommendations)}
+        assert again == lists
     finally:
         if worker is not None:
             worker.stop()
-        os.kill(up.pid, signal.SIGTERM)
-        assert up.wait(90) == 0
+        stop(up)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from workers import kafka_broker
-from workers.kafka_broker import (COMPLETE, POM, ApacheKafka, KafkaUnavailable, auto_broker, java_bin, pinned_version,
-                                  random_cluster_id, resolve_libs, server_properties, write_properties)
+from workers.kafka_broker import (COMPLETE, POM, ApacheKafka, KafkaUnavailable, auto_broker, formatted_cluster_id,
+                                  java_bin, pinned_version, random_cluster_id, resolve_libs, server_properties,
+                                  write_properties)
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -153,3 +154,15 @@ def test_the_default_cache_is_git_ignored():
     root = Path(kafka_broker.__file__).resolve().parent.parent
     assert kafka_broker.CACHE_ROOT == root / ".streamrec"
     assert ".streamrec/" in (root / ".gitignore").read_text().split()
+
+
+def test_a_broker_started_again_is_formatted_with_the_cluster_id_its_data_holds(tmp_path):
+    """The storage format refuses another cluster id than the one a log directory holds, so a
+    second ``streamrec up`` on the same data would fail with a fresh random one."""
+    assert formatted_cluster_id(tmp_path) is None  # never formatted: a new id is drawn
+    cid = random_cluster_id()
+    (tmp_path / "meta.properties").write_text(f"#\n#Sun Nov 29 19:30:00 UTC 2026\nnode.id=1\ndirectory.id=x\n"
+                                              f"version=1\ncluster.id={cid}\n")
+    assert formatted_cluster_id(tmp_path) == cid
+    (tmp_path / "meta.properties").write_text("node.id=1\nversion=1\n")
+    assert formatted_cluster_id(tmp_path) is None
