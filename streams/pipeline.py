@@ -170,32 +170,19 @@ class _SeenView:
         return len(self.base) + len(self.added)
 
 
-class _Union:
-    """A long seen set and the user's clicks later in the batch: what its index search excludes."""
-
-    __slots__ = ("base", "later", "all")
-
-    def __init__(self, base: set[int], later: set[int]) -> None:
-        self.base, self.later = base, later
-        self.all = base | later if later else base
-
-    def __contains__(self, item: object) -> bool:
-        return item in self.later or item in self.base
-
-
 @dataclass
 class _Plan:
     """How one list's candidates are searched (:meth:`Pipeline._search`): ``limit`` unseen items
     wanted, ``probe`` hits asked of the first plain search, ``drop`` the items not to keep from it;
-    ``owner`` (the id of a long seen set) when a second search excludes ``drop`` in the index,
-    else a second search asks ``need`` hits."""
+    a second search asks ``need`` hits, excluding ``drop`` in the index when ``owner`` is set (the
+    id of a long seen set)."""
 
     limit: int
     only: tuple[str, ...]
     probe: int
-    drop: Any
+    drop: Any  # a set of catalog numbers, or a _SeenView (whose .all a second search excludes)
     owner: Optional[int]
-    need: int = 0
+    need: int
 
 
 class _Titles(Mapping[str, str]):
@@ -678,7 +665,8 @@ class Pipeline:
             limits[i] = lim = -(-(a.k * p.oversample + len(a.exclude)) // 8) * 8
             if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
                 late[i] = [ids[c] for c in batch_clicks if c not in added and c not in base and c in ids]
-                plans[i] = _Plan(lim, a.only_categories, int(lim * PROBE), _Union(base, batch_clicks), id(base))
+                plans[i] = _Plan(lim, a.only_categories, int(lim * PROBE), _SeenView(base, frozenset(batch_clicks)),
+                                 id(base), lim)
             else:
                 need = -(-(lim + len(seen)) // 8) * 8
                 plans[i] = _Plan(lim, a.only_categories, min(need, int(lim * PROBE)), seen, None, need)
@@ -792,8 +780,8 @@ class Pipeline:
 
         async def search(key: tuple, idx: list[int]) -> None:
             first = plans[idx[0]]
-            limit = max(plans[i].need if first.owner is None else plans[i].limit for i in idx)
             excluded = first.drop.all if first.owner is not None else ()
+            limit = max(plans[i].need for i in idx)
             hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, key[0],
                                    excluded)
             out.update(zip(idx, hits, strict=True))
