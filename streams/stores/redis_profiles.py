@@ -54,7 +54,8 @@ return 1
 """
 
 # One shard's effects. KEYS: meta, pop, n, stats, then the scene zsets, then the co-click zsets.
-# ARGV: pop halflife, co halflife, co keep, pop keep, #scenes, #co keys, then ops of 7:
+# ARGV: pop halflife, co halflife, co keep, pop keep, #scenes, #co keys, then the ops as one JSON
+# array (decoded in the server: one argument instead of hundreds per click), in groups of 7:
 #   'p' source offset item scene# t w   popularity (+ scene's) and the item's click count
 #   'c' source offset partner co# t -   a co-click of the co# key's item with partner
 #   's' source offset field - n -       a stat ('r': a stat counted per delivery)
@@ -65,11 +66,11 @@ local m = KEYS[1]
 local hp, hc = tonumber(ARGV[1]), tonumber(ARGV[2])
 local keep_co, keep_pop = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ns, nc = tonumber(ARGV[5]), tonumber(ARGV[6])
-local first = 7
+local A = cjson.decode(ARGV[7])
 local ref = tonumber(redis.call('HGET', m, 'ref') or '')
 local cref = tonumber(redis.call('HGET', m, 'cref') or '')
-for i = first, #ARGV, 7 do
-  local kind, t = ARGV[i], tonumber(ARGV[i + 5])
+for i = 1, #A, 7 do
+  local kind, t = A[i], tonumber(A[i + 5])
   if kind == 'p' or kind == 'c' or kind == 't' then
     if not ref then ref = t; redis.call('HSET', m, 'ref', t) end
     if not cref then cref = t; redis.call('HSET', m, 'cref', t) end
@@ -86,13 +87,13 @@ local function fresh(src, off)
 end
 local touched_pop, touched_co = {}, {}
 local clicks, pairs_, steps = 0, 0, 0
-for i = first, #ARGV, 7 do
-  local kind, src, off = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+for i = 1, #A, 7 do
+  local kind, src, off = A[i], A[i + 1], tonumber(A[i + 2])
   if kind == 'r' then
-    redis.call('HINCRBY', KEYS[4], ARGV[i + 3], ARGV[i + 5])
+    redis.call('HINCRBY', KEYS[4], A[i + 3], A[i + 5])
   elseif fresh(src, off) then
     if kind == 'p' then
-      local item, si, t, w = ARGV[i + 3], tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+      local item, si, t, w = A[i + 3], tonumber(A[i + 4]), tonumber(A[i + 5]), tonumber(A[i + 6])
       local s = w * math.pow(2, (t - ref) / hp)
       redis.call('ZINCRBY', KEYS[2], s, item)
       touched_pop[KEYS[2]] = true
@@ -103,12 +104,12 @@ for i = first, #ARGV, 7 do
       redis.call('HINCRBYFLOAT', KEYS[3], item, math.pow(2, (t - cref) / hc))
       clicks = clicks + 1
     elseif kind == 'c' or kind == 't' then
-      local key = KEYS[4 + ns + tonumber(ARGV[i + 4])]
-      redis.call('ZINCRBY', key, tonumber(ARGV[i + 6]) * math.pow(2, (tonumber(ARGV[i + 5]) - cref) / hc), ARGV[i + 3])
+      local key = KEYS[4 + ns + tonumber(A[i + 4])]
+      redis.call('ZINCRBY', key, tonumber(A[i + 6]) * math.pow(2, (tonumber(A[i + 5]) - cref) / hc), A[i + 3])
       touched_co[key] = true
       if kind == 'c' then pairs_ = pairs_ + 1 else steps = steps + 1 end
     else
-      redis.call('HINCRBY', KEYS[4], ARGV[i + 3], ARGV[i + 5])
+      redis.call('HINCRBY', KEYS[4], A[i + 3], A[i + 5])
     end
   end
 end
@@ -262,6 +263,7 @@ class RedisProfileStore(ProfileStore):
         self._number = self.redis.register_script(_NUMBER)
         self._progress = self.redis.register_script(_PROGRESS)
         self._remove = self.redis.register_script(_REMOVE)
+        self._shards: dict[str, int] = {}  # shard_of by key, remembered (bounded)
         self._replica_plan: list[tuple[Any, int]] = []
         self._replicas_at = -1e9
 
@@ -309,7 +311,12 @@ class RedisProfileStore(ProfileStore):
         return f"{self.prefix}:{{cat}}:{name}"
 
     def _shard(self, key: str) -> int:
-        return shard_of(key, self.o.shards)
+        k = self._shards.get(key)
+        if k is None:
+            if len(self._shards) >= 1 << 20:
+                self._shards.clear()
+            k = self._shards[key] = shard_of(key, self.o.shards)
+        return k
 
     # -- profiles ------------------------------------------------------------------------------
 
@@ -463,7 +470,8 @@ class RedisProfileStore(ProfileStore):
                             *(self.shard_key(k, "pop:" + s) for s in sh["scenes"]),
                             *(self.shard_key(k, name) for name in sh["co"])]
                     args = [self.o.popularity_halflife_s, self.o.cooccur_halflife_s, self.o.cooccur_keep,
-                            self.o.popular_keep, len(sh["scenes"]), len(sh["co"]), *sh["ops"]]
+                            self.o.popular_keep, len(sh["scenes"]), len(sh["co"]),
+                            json.dumps(sh["ops"], separators=(",", ":"), ensure_ascii=False)]
                     self._script(pipe, self._apply, keys, args)
                     if sh["scenes"]:
                         pipe.hset(self.shard_key(k, "m"), mapping={"s:" + s: 1 for s in sh["scenes"]})
@@ -569,8 +577,8 @@ class RedisProfileStore(ProfileStore):
             return {}
         shards = sorted({self._shard(a) for a in item_ids})
         rows_raw = await self._pipeline(lambda pipe: [
-            pipe.zrevrange(self.shard_key(self._shard(a), kind + a), 0, -1, withscores=True) for a in item_ids])
-        rows = {a: [(b.decode(), float(c)) for b, c in r] for a, r in zip(item_ids, rows_raw, strict=True)}
+            _zrevrange(pipe, self.shard_key(self._shard(a), kind + a), 0, -1) for a in item_ids])
+        rows = {a: _scored(r) for a, r in zip(item_ids, rows_raw, strict=True)}
         names = list({*item_ids, *(b for r in rows.values() for b, _ in r)}) if kind == "co:" else item_ids
         by_shard: dict[int, list[str]] = {}
         for x in names:
@@ -593,7 +601,10 @@ class RedisProfileStore(ProfileStore):
             for x, v in zip(xs, vals, strict=True):
                 if v is not None and k in scale:
                     counts[x] = float(v) * scale[k]
-        rows = {a: [(b, c * scale.get(self._shard(a), 0.0)) for b, c in r] for a, r in rows.items()}
+        for a, r in rows.items():
+            f = scale.get(self._shard(a), 0.0)
+            if f != 1.0:
+                rows[a] = [(b, c * f) for b, c in r]
         if kind == "tr:":
             return normalised_transitions(rows, counts, n)
         return normalised_cooccurrence(rows, counts, n)
@@ -644,9 +655,10 @@ class RedisProfileStore(ProfileStore):
         pending = list(refs)
         while pending:
             fetched = await self._pipeline(lambda pipe: [
-                pipe.zrevrange(self.shard_key(k, name), len(got[k]), ask[k] - 1, withscores=True) for k in pending])
+                _zrevrange(pipe, self.shard_key(k, name), len(got[k]), ask[k] - 1) for k in pending])
             for k, rs in zip(pending, fetched, strict=True):
-                got[k] += [(i.decode(), sc * factor[k]) for i, sc in rs]
+                f = factor[k]
+                got[k] += [(i, sc * f) for i, sc in _scored(rs)]
             merged = sorted((kv for rs in got.values() for kv in rs), key=lambda kv: (-kv[1], kv[0]))
             cutoff = merged[n - 1][1] if len(merged) >= n else -math.inf
             pending = [k for k in pending if len(got[k]) == ask[k] and got[k][-1][1] >= cutoff]
@@ -732,3 +744,19 @@ def read_stats(client, key_prefix: str, shards: int = StoreOptions.shards) -> di
             name = k.decode() if isinstance(k, bytes) else k
             out[name] = out.get(name, 0) + int(v)
     return out
+
+
+def _zrevrange(pipe, key: str, start: int, end: int) -> None:
+    """Queue ZREVRANGE ... WITHSCORES without redis-py's reply conversion (:func:`_scored` reads it):
+    on RESP3 that conversion formats every score to text and parses it back."""
+    pipe.execute_command("ZREVRANGE", key, start, end, "WITHSCORES")
+
+
+def _scored(reply: Any) -> list[tuple[str, float]]:
+    """(member, score) pairs of a raw ZREVRANGE ... WITHSCORES reply: RESP3 nests each pair with its
+    score as a double, RESP2 alternates members and scores as text."""
+    if not reply:
+        return []
+    if isinstance(reply[0], (list, tuple)):
+        return [(m.decode(), float(sc)) for m, sc in reply]
+    return [(reply[j].decode(), float(reply[j + 1])) for j in range(0, len(reply), 2)]

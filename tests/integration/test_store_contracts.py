@@ -166,6 +166,26 @@ def test_effects_apply_once_per_source_offset_whatever_the_batching(url):
     run(url, go)
 
 
+def test_item_ids_scenes_and_sources_with_any_characters_keep_their_effects(url):
+    # the Redis store sends a shard's effects as one JSON argument: quotes, backslashes, control
+    # characters and non-ASCII text must come back as they went in
+    a, b, c = 'say "hi"', "back\\slash,\n", "caf\u00e9 \U0001f3ac"
+    async def go(store):
+        fx = clicks((0, a, [], 'sc\u00e8ne "1"', 0.0), (1, b, [a]), (2, c, [a, b]), source='src "\u00e9":0')
+        fx.count('src "\u00e9":0', 2, "events_in")
+        await store.apply(fx)
+        await store.apply(fx)  # once per source and offset
+        assert {i for i, _ in await store.popular(None, 10)} == {a, b, c}
+        assert [i for i, _ in await store.popular('sc\u00e8ne "1"', 1)] == [a]
+        co = await store.cooccurring([a, b, c], 5)
+        assert {x for x, _ in co[c]} == {a, b} and {x for x, _ in co[a]} == {b, c}
+        tr = await store.transitions([a, b], 5)
+        assert dict(tr[a]) == pytest.approx({b: 1.0, c: 0.5}) and dict(tr[b]) == pytest.approx({c: 1.0})
+        assert (await store.item_clicks([a, b, c], at=0.0)) == pytest.approx({a: 1.0, b: 1.0, c: 1.0})
+        assert (await store.stats())["events_in"] == 1
+    run(url, go)
+
+
 def test_the_rankers_steps_apply_once_per_source_offset(url):
     from models.learning import FEATURES, MODEL_ID
 
