@@ -62,23 +62,23 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         log.publish(s.topic_catalog, [(*encode_line(it), None) for it in catalog])
         wait_stat(r, s.key_prefix, "items_upserted", len(catalog), 600, worker)
         _say(f"catalog ready after {time.time() - t0:.1f} s (worker start included)")
-        scrape = _scraper(s)
+        scrape = metrics_scraper(s)
         _say("one event at a time, on an idle worker")
         isolated = _isolated(log, s, worker, evs[-20:])
         _say(f"click-only stream: {len(evs)} events from {users} users")
         before = scrape()
         clicks = _stream(log, s, evs, worker)
-        clicks["stages_ms_per_event"] = _stages(before, scrape(after=before, events=len(evs)))
+        clicks["stages_ms_per_event"] = stages_per_event(before, scrape(after=before, events=len(evs)))
         _say(f"query-only stream: {len(qevs)} events")
         before = scrape()
         queries = _stream(log, s, qevs, worker)
-        queries["stages_ms_per_event"] = _stages(before, scrape(after=before, events=len(qevs)))
+        queries["stages_ms_per_event"] = stages_per_event(before, scrape(after=before, events=len(qevs)))
         paced_rate = round(clicks["events_per_s"] / 2)
         _say(f"click stream paced at half that throughput ({paced_rate} events/s)")
         repeat = [{**e, "event_id": "p-" + e["event_id"]} for e in evs[: max(1, len(evs) // 4)]]
         before = scrape()
         paced = _stream(log, s, repeat, worker, rate=paced_rate)
-        paced["stages_ms_per_event"] = _stages(before, scrape(after=before, events=len(repeat)))
+        paced["stages_ms_per_event"] = stages_per_event(before, scrape(after=before, events=len(repeat)))
         _say(f"memory per user: {max(memory_marks):,} clicks by each of 2 users, in one scene")
         memory = _bytes_per_user(log, s, worker, r, catalog, marks=memory_marks)
         worker.stop()
@@ -120,7 +120,7 @@ def _isolated(log, s: Settings, worker: WorkerProcess, events: list[dict]) -> di
             "latency_ms": percentiles(lat)}
 
 
-def _scraper(s: Settings):
+def metrics_scraper(s: Settings):
     """Reads the worker's ``/metrics``."""
     import urllib.request
 
@@ -142,7 +142,7 @@ def _scraper(s: Settings):
     return scrape
 
 
-def _stages(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def stages_per_event(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Milliseconds per event in each stage between two scrapes (``streams.metrics``): the wall
     time of its calls. ``overlapped`` is how much of them ran side by side (they then add up to
     more than ``process``); ``other`` the batch compute that no call took (the pipeline's own)."""

@@ -31,7 +31,7 @@ from workers.datasets import Dataset
 from workers.demo import percentiles
 from workers.runner import WorkerProcess, encode_line, worker_on_stack
 from workers.settings import Settings
-from workers.stack import Stack
+from workers.stack import Stack, free_port
 
 SYSTEMS = ("streamrec", "random", "popularity", "recent_popularity", "item_knn", "sequential_rules", "session_knn",
            "river_mf", "implicit_als", "ease")
@@ -196,7 +196,8 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
     # One partition: the worker sees the events in data set order, so no list can see a later
     # event (with several, popularity and co-clicks could include other users' events sent up to
     # ``in_flight`` later but consumed earlier from another partition).
-    s0 = settings.model_copy(update={"k": opts.k, "popularity_halflife_s": opts.halflife_s, "topic_partitions": 1})
+    s0 = settings.model_copy(update={"k": opts.k, "popularity_halflife_s": opts.halflife_s, "topic_partitions": 1,
+                                     "metrics_port": settings.metrics_port or free_port()})
     _say(f"{dataset.name}: {len(dataset.catalog)} items, {len(events)} events; "
          + ("on the given stack" if stack else f"starting the embedded stack in {base}"))
     with contextlib.ExitStack() as scope:
@@ -211,6 +212,10 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         indexed, catalog_dead = st["items_upserted"], st["dead_letters"]
         _say(f"catalog: {indexed} items indexed in {catalog_s:.1f} s ({catalog_dead} dead-lettered); "
              f"streaming {len(events)} events, at most {opts.in_flight} unanswered")
+        from workers.bench import metrics_scraper, stages_per_event
+
+        scrape = metrics_scraper(s)  # the worker's stage timings over the stream
+        before = scrape()
         answers = _Answers()
         stop = threading.Event()
         reader = threading.Thread(target=_read_answers, args=(log, s, answers, stop, opts.timeout_s + 600),
@@ -223,6 +228,7 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
             stop.set()
             reader.join(timeout=30)
         stats = read_stats(r, s.key_prefix, s.state_shards)
+        stages = stages_per_event(before, scrape(after=before, events=len(events)))
         versions = {**stack.versions}
     answered = [e for e in events if e["event_id"] in answers.lists]
     lat = [(answers.produced[e["event_id"]] - sent[e["event_id"]]) * 1000 for e in answered]
@@ -259,6 +265,7 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         "throughput_eps": round(len(events) / max(stream_s, 1e-9), 1),
         "in_flight": opts.in_flight,
         "catalog_index_s": round(catalog_s, 1),
+        "stages_ms_per_event": stages,
         "systems": {name: _rounded(res[name]) for name in ("streamrec", *[p.name for p in peers])},
         "system_seconds": {name: round(v, 1) for name, v in res.seconds.items()},
         "skipped": skipped,
@@ -283,6 +290,16 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
 
 
 ABLATION = "ablation:"
+
+
+def _stage_line(st: Optional[dict]) -> list[str]:
+    """The worker's stage timings as one report line (none when the run has none)."""
+    if not st:
+        return []
+    names = ("parse", "redis", "milvus", "encoder", "ranking", "publish", "commit")
+    return [f"- the worker's stages, ms per event (wall time of their calls; Redis reads overlap the "
+            f"searches by {st['overlapped']}): " + ", ".join(f"{n} {st[n]}" for n in names)
+            + f"; a batch {st['batch']} ({st['events_per_batch']} events a batch)"]
 
 
 def run_ablations(s: Settings, dataset: Dataset, events: list[dict], opts: EvalOptions,
@@ -429,6 +446,7 @@ def render_report(r: dict, plots: dict[str, str]) -> str:
               f"- lists: {r['events_answered']} for {r['events']} events; dead-lettered {r['dead_lettered']} "
               f"{r['dead_letter_reasons'] or ''}; duplicates {r['duplicates']}",
               f"- catalog indexed in {r['catalog_index_s']} s; stack {r['stack']}",
+              *_stage_line(r.get("stages_ms_per_event")),
               f"- whole run: {r['wall_s']} s on {r['machine']['cpus']} CPUs", ""]
     if r.get("ablations"):
         base = r["ablations"].get("all")

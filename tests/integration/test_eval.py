@@ -66,7 +66,11 @@ def test_eval_scores_every_system_through_the_pipeline(stack, tmp_path):
     # the demo users have strong category tastes: the pipeline beats chance by far
     assert r["systems"]["streamrec"]["hr"] > 3 * r["systems"]["random"]["hr"]
     assert r["latency_ms"]["p50"] > 0 and r["throughput_eps"] > 0
+    # the worker's stage timings cover every event of the stream
+    st = r["stages_ms_per_event"]
+    assert st["events"] == len(events) and st["milvus"] > 0 and st["ranking"] > 0 and st["batch"] >= st["process"]
     report = (out / "report.md").read_text()
+    assert "the worker's stages, ms per event" in report
     assert all(f"| {name} |" in report for name in SYSTEMS) and "hr_over_stream.png" in report
     for png in ("hr_over_stream.png", "latency_histogram.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
