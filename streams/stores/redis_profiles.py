@@ -263,7 +263,6 @@ class RedisProfileStore(ProfileStore):
         self._number = self.redis.register_script(_NUMBER)
         self._progress = self.redis.register_script(_PROGRESS)
         self._remove = self.redis.register_script(_REMOVE)
-        self._shards: dict[str, int] = {}  # shard_of by key, remembered (bounded)
         self._replica_plan: list[tuple[Any, int]] = []
         self._replicas_at = -1e9
 
@@ -311,12 +310,7 @@ class RedisProfileStore(ProfileStore):
         return f"{self.prefix}:{{cat}}:{name}"
 
     def _shard(self, key: str) -> int:
-        k = self._shards.get(key)
-        if k is None:
-            if len(self._shards) >= 1 << 20:
-                self._shards.clear()
-            k = self._shards[key] = shard_of(key, self.o.shards)
-        return k
+        return shard_of(key, self.o.shards)
 
     # -- profiles ------------------------------------------------------------------------------
 
