@@ -29,7 +29,7 @@ from models.evaluation import COLD_CLICKS, COLD_ITEMS, SEGMENT_NAMES, StreamResu
 from streams.stores.redis_profiles import read_stats
 from workers.datasets import Dataset
 from workers.demo import percentiles
-from workers.runner import WorkerProcess, encode_line, worker_on_stack
+from workers.runner import WorkerProcess, encode_line, metrics_scraper, stages_per_event, worker_on_stack
 from workers.settings import Settings
 from workers.stack import Stack, free_port
 
@@ -212,8 +212,6 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         indexed, catalog_dead = st["items_upserted"], st["dead_letters"]
         _say(f"catalog: {indexed} items indexed in {catalog_s:.1f} s ({catalog_dead} dead-lettered); "
              f"streaming {len(events)} events, at most {opts.in_flight} unanswered")
-        from workers.bench import metrics_scraper, stages_per_event
-
         scrape = metrics_scraper(s)  # the worker's stage timings over the stream
         before = scrape()
         answers = _Answers()

@@ -159,5 +159,50 @@ def worker_on_stack(settings: Settings, stack, base: Path, name: str) -> Iterato
         log.close()
 
 
+
+def metrics_scraper(s: Settings):
+    """Reads the worker's ``/metrics``."""
+    import urllib.request
+
+    from streams.metrics import parse_metrics
+
+    url = f"http://127.0.0.1:{s.metrics_port}/metrics"
+
+    def scrape(after: Optional[dict[str, float]] = None, events: int = 0, timeout_s: float = 60.0) -> dict[str, float]:
+        """The metrics now; with ``after``, once ``events`` more are counted (a batch counts once
+        written, just after its lists are out)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                got = parse_metrics(resp.read().decode())
+            key = "streamrec_events_total"
+            if after is None or got[key] - after[key] >= events or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+    return scrape
+
+
+def stages_per_event(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Milliseconds per event in each stage between two scrapes (``streams.metrics``): the wall
+    time of its calls. ``overlapped`` is how much of them ran side by side (they then add up to
+    more than ``process``); ``other`` the batch compute that no call took (the pipeline's own)."""
+    from streams.metrics import STAGES
+
+    events = after["streamrec_events_total"] - before["streamrec_events_total"]
+    ms = {st: 1e3 * (after[f'streamrec_stage_seconds_sum{{stage="{st}"}}'] -
+                     before[f'streamrec_stage_seconds_sum{{stage="{st}"}}']) / max(events, 1) for st in STAGES}
+    # process holds parse, milvus, encoder, ranking and the Redis reads; commit holds the Redis writes.
+    # A batch's searches run beside its reads: what the calls' wall times add up to beyond process
+    # is time they ran side by side ("overlapped"); else the rest is the pipeline's own ("other").
+    reads = ms["redis"] - ms["commit"]
+    rest = ms["process"] - ms["parse"] - reads - ms["milvus"] - ms["encoder"] - ms["ranking"]
+    ms["other"], ms["overlapped"] = max(0.0, rest), max(0.0, -rest)
+    out = {st: round(v, 3) for st, v in ms.items()}
+    out["events"] = int(events)
+    batches = after["streamrec_batches_total"] - before["streamrec_batches_total"]
+    out["events_per_batch"] = round(events / max(batches, 1), 1)
+    return out
+
+
 __all__ = ["worker_on_stack", "WorkerProcess", "settings_env", "encode_line", "topic_for", "wait_stat", "read_outputs",
-           "all_topics"]
+           "all_topics", "metrics_scraper", "stages_per_event"]
