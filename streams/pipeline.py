@@ -55,6 +55,14 @@ EXCLUDE_IN_INDEX = 64
 PROBE = 1.5
 
 
+def search_limit(k: int, oversample: int, excluded: int = 0) -> tuple[int, int]:
+    """A list's index search: the unseen items it keeps (``k * oversample`` plus its excluded
+    ones, rounded up to a multiple of 8 so that lists share searches) and the hits its first,
+    plain search asks (``PROBE`` times that)."""
+    limit = -(-(k * oversample + excluded) // 8) * 8
+    return limit, int(limit * PROBE)
+
+
 @dataclass
 class RawMessage:
     """A message as consumed: where it came from and its bytes."""
@@ -662,14 +670,14 @@ class Pipeline:
             seen = a.profile.seen
             base, added = (seen.base, seen.added) if isinstance(seen, _SeenView) else (seen, frozenset())
             batch_clicks = final[id(base)][1] if id(base) in final else set()
-            limits[i] = lim = -(-(a.k * p.oversample + len(a.exclude)) // 8) * 8
+            lim, probe = search_limit(a.k, p.oversample, len(a.exclude))
+            limits[i] = lim
             if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
                 late[i] = [ids[c] for c in batch_clicks if c not in added and c not in base and c in ids]
-                plans[i] = _Plan(lim, a.only_categories, int(lim * PROBE), _SeenView(base, frozenset(batch_clicks)),
-                                 id(base), lim)
+                plans[i] = _Plan(lim, a.only_categories, probe, _SeenView(base, frozenset(batch_clicks)), id(base), lim)
             else:
                 need = -(-(lim + len(seen)) // 8) * 8
-                plans[i] = _Plan(lim, a.only_categories, min(need, int(lim * PROBE)), seen, None, need)
+                plans[i] = _Plan(lim, a.only_categories, min(need, probe), seen, None, need)
         if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
             plans, late = {}, {}
         # The index searches run beside the store reads that do not need their results (behaviour

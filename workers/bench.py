@@ -153,6 +153,7 @@ def _bytes_per_user(log, s: Settings, worker: WorkerProcess, r, catalog: list[di
 
 async def _limits(s: Settings, catalog: list[dict]) -> dict:
     from models.profile import Profile, apply_click
+    from streams.pipeline import search_limit
     from streams.stores import Write, open_item_index, open_profile_store
 
     texts = [q for c in demo_data.CATEGORIES for q in demo_data.query_texts(c)] * 16
@@ -172,7 +173,7 @@ async def _limits(s: Settings, catalog: list[dict]) -> dict:
     index = open_item_index(s.milvus_uri, enc.dim, s.milvus_collection, s.milvus_token.get_secret_value(),
                             s.milvus_consistency, s.milvus_index_type, s.milvus_flush_writes)
     batches = [vecs[i:i + 64] for i in range(0, 512, 64)]
-    limit = -(-(s.k * s.model.oversample) // 8) * 8  # what the worker asks for a user with no history
+    _, limit = search_limit(s.k, s.model.oversample)  # the hits the worker's first search asks of each list
     index.search(batches[0], limit)
     t = time.perf_counter()
     for b in batches:

@@ -2,7 +2,8 @@
 and a stream of clicks and queries) replayed into two fresh stacks' worth of names gives the same
 recommendations, item for item and in the same order, as the lists recorded with it. Popularity,
 co-clicks, steps and the learned weights are off (``signals_off``): they mix in what every
-partition has seen so far, so with them on, lists also depend on how partitions interleave.
+partition has seen so far, so with them on, lists also depend on how partitions interleave. The
+replay runs with the parameters the recording was made with (``PARAMS``).
 
 Regenerate the recording (only when the input format changes) with
 ``python -m tests.integration.test_golden_replay``.
@@ -26,6 +27,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.slow]
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "replay-small.jsonl.gz"
 SHARED = "popularity,cooccur,transitions,learning"  # signals that mix in every partition's events
 RECORDED = {"catalog": "golden.catalog", "events": "golden.events", "recs": "golden.recs"}
+#: The parameters the recording's lists were made with (candidates per slot: the defaults before 1).
+PARAMS = ModelParams(signals_off=SHARED, oversample=2)
 
 
 def replay_into(h: Harness) -> dict[str, list[str]]:
@@ -57,7 +60,7 @@ def recorded_lists() -> dict[str, list[str]]:
 def test_replaying_the_same_inputs_gives_the_same_recommendations(stack, tmp_path):
     runs = []
     for n in range(2):
-        h = Harness(stack, tmp_path / f"run{n}", model=ModelParams(signals_off=SHARED))
+        h = Harness(stack, tmp_path / f"run{n}", model=PARAMS)
         try:
             runs.append(replay_into(h))
         finally:
@@ -80,7 +83,7 @@ def _make_fixture() -> None:  # pragma: no cover - run by hand
     events, _ = demo_data.simulate_events(catalog, n_users=8, events_per_user=8, seed=5)
     base = 1_767_225_600.0
     with Stack(Path(tempfile.mkdtemp())) as stack:
-        h = Harness(stack, Path(tempfile.mkdtemp()), model=ModelParams(signals_off=SHARED))
+        h = Harness(stack, Path(tempfile.mkdtemp()), model=PARAMS)
         try:
             log = KafkaEventLog(stack.kafka_bootstrap)
             log.ensure_topics(RECORDED.values(), 4)

@@ -541,3 +541,15 @@ def test_close_closes_the_stores_the_other_clients_and_the_pools_even_when_one_f
     assert closed == ["profiles", "items", "gate", "other"]
     with pytest.raises(RuntimeError):  # the pools take no more work
         p.executor.submit(print)
+
+
+def test_search_limit_is_what_a_list_keeps_and_what_its_first_search_asks(monkeypatch):
+    """One place says how many hits a list's search asks: the pipeline and the bench's Milvus limit use it."""
+    import streams.pipeline
+    from streams.pipeline import search_limit
+
+    assert search_limit(10, 2) == (24, 36)
+    assert search_limit(10, 1) == (16, 24)
+    assert search_limit(10, 1, excluded=7) == (24, 36)  # excluded items are fetched on top, rounded to 8
+    monkeypatch.setattr(streams.pipeline, "PROBE", 2)
+    assert search_limit(10, 1) == (16, 32)
