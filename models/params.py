@@ -44,7 +44,7 @@ class ModelParams:
     transition_fanout: int = 50  # next-clicked items read per source
     cooccur_window: int = 10  # a click counts as clicked-with each of the user's last this many clicks
     cooccur_sources: int = 10  # the user's last clicks whose co-clicked items become candidates
-    cooccur_fanout: int = 200  # co-clicked items read per source (the store keeps 200: all of them)
+    cooccur_fanout: int = 0  # co-clicked items read per source (0: every partner the store keeps)
     diversity: float = 0.02  # penalty per item of the same category already in the list
     oversample: int = 1  # candidates per slot in the list that each source (text, co-clicks, steps, popular) adds
     history_size: int = 20

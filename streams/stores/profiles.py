@@ -129,9 +129,9 @@ class ProfileStore(abc.ABC):
 
     @abc.abstractmethod
     async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
-        """For each of ``item_ids``, up to ``n`` items most often clicked by the same users (decayed
-        in event time), each with its co-click weight over sqrt(clicks of one * clicks of the
-        other), best first."""
+        """For each of ``item_ids``, up to ``n`` items (0: every one kept) most often clicked by the
+        same users (decayed in event time), each with its co-click weight over sqrt(clicks of one *
+        clicks of the other), best first."""
 
     @abc.abstractmethod
     async def transitions(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
@@ -193,13 +193,13 @@ def shard_of(key: str, shards: int) -> int:
 
 def normalised_cooccurrence(rows: dict[str, list[tuple[str, float]]], counts: dict[str, float],
                             n: int) -> dict[str, list[tuple[str, float]]]:
-    """Co-click counts over sqrt(clicks of a * clicks of b), the best ``n`` per item."""
+    """Co-click counts over sqrt(clicks of a * clicks of b), the best ``n`` per item (all for 0)."""
     out = {}
     for a, partners in rows.items():
         ca = counts.get(a, 0.0)
         scored = [(b, c / math.sqrt(ca * counts[b])) for b, c in partners if ca > 0 and counts.get(b, 0.0) > 0]
         scored.sort(key=lambda bc: (-bc[1], bc[0]))
-        out[a] = scored[:n]
+        out[a] = scored[:n] if n > 0 else scored
     return out
 
 

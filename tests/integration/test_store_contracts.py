@@ -149,6 +149,8 @@ def test_effects_apply_once_per_source_offset_whatever_the_batching(url):
         assert dict(co["b"])["a"] == pytest.approx(2 / math.sqrt(2 * 2), rel=1e-3)
         assert dict(co["b"])["c"] == pytest.approx(2 / math.sqrt(2 * 1), rel=1e-3)
         assert dict(co["a"])["c"] == pytest.approx(1 / math.sqrt(2 * 1), rel=1e-3)
+        assert await store.cooccurring(["a", "b", "c"], 0) == co  # 0: every partner kept
+        assert [len(v) for v in (await store.cooccurring(["a", "b", "c"], 1)).values()] == [1, 1, 1]
         tr = await store.transitions(["a", "b", "c"], 5)
         # steps (offset, gap): a->b (1, 1), b->a (2, 1), a->c (3, 1), b->c (3, 2), c->b (4, 1); the
         # replayed offsets add nothing; each over the clicks of its source item (a 2, b 2, c 1)
