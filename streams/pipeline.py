@@ -55,11 +55,16 @@ EXCLUDE_IN_INDEX = 64
 PROBE = 1.5
 
 
+def _eights(n: int) -> int:
+    """``n`` rounded up to a multiple of 8, so that lists of similar sizes share a search."""
+    return -(-n // 8) * 8
+
+
 def search_limit(k: int, oversample: int, excluded: int = 0) -> tuple[int, int]:
     """A list's index search: the unseen items it keeps (``k * oversample`` plus its excluded
-    ones, rounded up to a multiple of 8 so that lists share searches) and the hits its first,
-    plain search asks (``PROBE`` times that)."""
-    limit = -(-(k * oversample + excluded) // 8) * 8
+    ones, rounded up to a multiple of 8) and the hits its first, plain search asks (``PROBE``
+    times that)."""
+    limit = _eights(k * oversample + excluded)
     return limit, int(limit * PROBE)
 
 
@@ -676,7 +681,7 @@ class Pipeline:
                 late[i] = [ids[c] for c in batch_clicks if c not in added and c not in base and c in ids]
                 plans[i] = _Plan(lim, a.only_categories, probe, _SeenView(base, frozenset(batch_clicks)), id(base), lim)
             else:
-                need = -(-(lim + len(seen)) // 8) * 8
+                need = _eights(lim + len(seen))
                 plans[i] = _Plan(lim, a.only_categories, min(need, probe), seen, None, need)
         if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
             plans, late = {}, {}

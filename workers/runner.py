@@ -159,7 +159,6 @@ def worker_on_stack(settings: Settings, stack, base: Path, name: str) -> Iterato
         log.close()
 
 
-
 def metrics_scraper(s: Settings):
     """Reads the worker's ``/metrics``."""
     import urllib.request

@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.slow]
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "replay-small.jsonl.gz"
 SHARED = "popularity,cooccur,transitions,learning"  # signals that mix in every partition's events
 RECORDED = {"catalog": "golden.catalog", "events": "golden.events", "recs": "golden.recs"}
-#: The parameters the recording's lists were made with (candidates per slot: the defaults before 1).
+#: The parameters the recording's lists were made with: two candidates per slot from each source,
+#: the default when it was recorded.
 PARAMS = ModelParams(signals_off=SHARED, oversample=2)
 
 
