@@ -57,6 +57,12 @@ class RankedList(list):
     impression: Impression = Impression()
 
 
+def _values(scores: Mapping[str, float], ids: Sequence[str]) -> np.ndarray:
+    """``scores`` of ``ids`` (0 where absent); a mapping with ``many(ids)`` answers in one call."""
+    many = getattr(scores, "many", None)
+    return many(ids) if many is not None else np.array([scores.get(i, 0.0) for i in ids], dtype=np.float64)
+
+
 def features(profile: Profile, pool: Sequence[Candidate], scene: Optional[str], categories: int,
              params: ModelParams, signals: Signals) -> np.ndarray:
     """The feature matrix (len(pool), F) of ``models.learning.FEATURES``, each in [-1, 1]."""
@@ -68,8 +74,7 @@ def features(profile: Profile, pool: Sequence[Candidate], scene: Optional[str], 
         return X
     ids = [c.item_id for c in pool]
     text = np.array([c.similarity for c in pool])
-    co = np.array([signals.cooccur.get(i, 0.0) for i in ids])
-    tr = np.array([signals.transitions.get(i, 0.0) for i in ids])
+    co, tr = _values(signals.cooccur, ids), _values(signals.transitions, ids)
     pop = np.array([signals.popularity.get(i, 0.0) for i in ids])
     X[:, 0] = np.clip(text, -1.0, 1.0)
     X[:, 1] = squash(co)

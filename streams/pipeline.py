@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import copy
 import itertools
 import json
 import logging
+import math
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -198,26 +200,115 @@ class _Plan:
     need: int
 
 
-class _Titles(Mapping[str, str]):
-    """Item id -> the title of the click that gives it most, looked up only when a reason asks."""
+class _Row:
+    """One source's partners: catalog numbers and scores, and (made on first use) a lookup."""
 
-    __slots__ = ("strongest", "known")
+    __slots__ = ("nos", "vals", "_at")
 
-    def __init__(self, strongest: dict[str, str], known: dict[str, Candidate]) -> None:
-        self.strongest, self.known = strongest, known  # item id -> the click (item id) giving most
+    def __init__(self, nos: np.ndarray, vals: np.ndarray) -> None:
+        self.nos, self.vals = nos, vals
+        self._at: Optional[dict[int, float]] = None
 
-    def __getitem__(self, y: str) -> str:
-        x = self.strongest[y]
-        return self.known[x].title or x if x in self.known else x
+    def value(self, no: int) -> Optional[float]:
+        if self._at is None:
+            self._at = dict(zip(self.nos.tolist(), self.vals.tolist()))
+        return self._at.get(no)
+
+
+class _Summed:
+    """One list's behaviour scores: per partner item (by catalog number, ascending in ``nos``) its
+    summed score over the list's sources (``parts``: each source's position and row, rows scaled
+    by ``scale(position)``). Read through :class:`_Sums` and :class:`_From` for the few candidates
+    a list ranks, not built per partner."""
+
+    __slots__ = ("nos", "sums", "parts", "scale", "sources", "known", "_nos")
+
+    def __init__(self, nos: np.ndarray, sums: np.ndarray, parts: list[tuple[int, _Row]],
+                 scale: Callable[[int], float], sources: list[str], known: dict[str, Candidate]) -> None:
+        self.nos, self.sums, self.parts, self.scale = nos, sums, parts, scale
+        self.sources, self.known = sources, known
+        self._nos: Optional[list[int]] = None
+
+    def index(self, item_id: str) -> int:
+        """The item's position in ``nos``, -1 if no source gives it."""
+        c = self.known.get(item_id)
+        if c is None:
+            return -1
+        if self._nos is None:
+            self._nos = self.nos.tolist()
+        j = bisect.bisect_left(self._nos, c.no)
+        return j if j < len(self._nos) and self._nos[j] == c.no else -1
+
+    def total(self, j: int) -> float:
+        return float(self.sums[j])
+
+    def many(self, item_ids: Sequence[str]) -> np.ndarray:
+        """The summed scores of ``item_ids`` (0 where no source gives one), as one array."""
+        known = self.known
+        nos = np.array([known[y].no if y in known else -1 for y in item_ids], dtype=np.int64)
+        if not len(nos) or not len(self.nos):
+            return np.zeros(len(nos))
+        j = np.minimum(np.searchsorted(self.nos, nos), len(self.nos) - 1)
+        return np.where(self.nos[j] == nos, self.sums[j], 0.0)
+
+    def strongest(self, j: int) -> str:
+        """The source giving item ``j`` most (the first of equals, in the sources' order)."""
+        no = self._nos[j] if self._nos is not None else int(self.nos[j])
+        best, best_v = -1, -math.inf
+        for pos, row in self.parts:
+            v = row.value(no)
+            if v is not None and v * self.scale(pos) > best_v:
+                best, best_v = pos, v * self.scale(pos)
+        return self.sources[best]
+
+
+class _Sums(Mapping[str, float]):
+    """Item id -> its summed behaviour score (a :class:`_Summed` read by id)."""
+
+    __slots__ = ("s",)
+
+    def __init__(self, s: _Summed) -> None:
+        self.s = s
+
+    def __getitem__(self, y: str) -> float:
+        j = self.s.index(y)
+        if j < 0:
+            raise KeyError(y)
+        return self.s.total(j)
+
+    def get(self, y: str, default: Any = None) -> Any:
+        j = self.s.index(y)
+        return self.s.total(j) if j >= 0 else default
 
     def __contains__(self, y: object) -> bool:
-        return y in self.strongest
+        return isinstance(y, str) and self.s.index(y) >= 0
+
+    def many(self, item_ids: Sequence[str]) -> np.ndarray:
+        return self.s.many(item_ids)
 
     def __iter__(self):
-        return iter(self.strongest)
+        ids = {c.no: i for i, c in self.s.known.items()}
+        return iter([ids[n] for n in self.s.nos.tolist()])
 
     def __len__(self) -> int:
-        return len(self.strongest)
+        return len(self.s.nos)
+
+
+class _From(_Sums):
+    """Item id -> the title of the click that gives it most, looked up only when a reason asks."""
+
+    __slots__ = ()
+
+    def __getitem__(self, y: str) -> str:
+        j = self.s.index(y)
+        if j < 0:
+            raise KeyError(y)
+        x = self.s.strongest(j)
+        known = self.s.known
+        return known[x].title or x if x in known else x
+
+    def get(self, y: str, default: Any = None) -> Any:
+        return self[y] if y in self else default
 
 
 @dataclass
@@ -836,51 +927,56 @@ class Pipeline:
         ``k * oversample`` join the candidates (``results``) with their cosine similarity."""
         p = self.params
         co = kind == "cooccur"
-        # per source: its partners' ids, catalog numbers and scores, as arrays
-        table: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+        # per source: its partners' catalog numbers and scores, as arrays
+        table: dict[str, _Row] = {}
         for x, ys in partners.items():
-            rows = [(y, score, known[y].no) for y, score in ys if y in known]
-            table[x] = ([y for y, _, _ in rows], np.array([n for _, _, n in rows], dtype=np.int64),
-                        np.array([score for _, score, _ in rows], dtype=np.float64))
+            rows = [(known[y].no, score) for y, score in ys if y in known]
+            if rows:
+                nos_, vals_ = zip(*rows)
+                table[x] = _Row(np.array(nos_, dtype=np.int64), np.array(vals_, dtype=np.float64))
+        scale: Callable[[int], float] = (lambda pos: 1.0) if co else (lambda pos: 1.0 / (pos + 1))
+        ids_by_no: Optional[dict[int, str]] = None
+        n = 0
         for i, xs in sources.items():
             a = answers[i]
-            parts = [(pos, table[x]) for pos, x in enumerate(xs) if x in table and len(table[x][0])]
+            parts = [(pos, table[x]) for pos, x in enumerate(xs) if x in table]
             if not parts:
                 continue
-            ids_ = [y for _, (ys, _, _) in parts for y in ys]
-            nos = np.concatenate([t[1] for _, t in parts])
-            vals = np.concatenate([t[2] * (1.0 if co else 1.0 / (pos + 1)) for pos, t in parts])
-            src = np.repeat([pos for pos, _ in parts], [len(t[0]) for _, t in parts])
-            uniq, first, inv = np.unique(nos, return_index=True, return_inverse=True)
+            nos = np.concatenate([row.nos for _, row in parts])
+            vals = np.concatenate([row.vals * scale(pos) for pos, row in parts])
+            uniq, inv = np.unique(nos, return_inverse=True)
             sums = np.bincount(inv, weights=vals, minlength=len(uniq))  # in input order, as a loop adds
-            # the source giving most (the first of equals): per item, the first of its rows by -value
-            order = np.lexsort((-vals, inv))
-            heads = order[np.r_[0, np.flatnonzero(np.diff(inv[order])) + 1]]
+            summed = _Summed(uniq, sums, parts, scale, xs, known)
+            if co:
+                signals[i].cooccur, signals[i].cooccur_from = _Sums(summed), _From(summed)
+            else:
+                signals[i].transitions, signals[i].transitions_from = _Sums(summed), _From(summed)
+            # the best ``n`` unseen, not excluded, by (-sum, item id): walk down the sums and stop
+            # past the n-th one's sum (equal sums all taken, then ordered by id)
+            if ids_by_no is None:
+                ids_by_no = {c.no: y for y, c in known.items()}
             seen = a.profile.seen.all if isinstance(a.profile.seen, _SeenView) else a.profile.seen
             exclude = a.exclude
-            keep = np.array([j for j, n in enumerate(uniq.tolist()) if n not in seen
-                             and (not exclude or ids_[first[j]] not in exclude)], dtype=np.intp)
-            if not len(keep):
-                continue
-            # items in the order they first appear, as a loop over the sources meets them
-            keep = keep[np.argsort(first[keep], kind="stable")]
-            keys = [ids_[f] for f in first[keep].tolist()]
-            kept = sums[keep]
-            total = dict(zip(keys, kept.tolist()))
-            titles = _Titles(dict(zip(keys, [xs[x] for x in src[heads[keep]].tolist()])), known)
-            if co:
-                signals[i].cooccur, signals[i].cooccur_from = total, titles
-            else:
-                signals[i].transitions, signals[i].transitions_from = total, titles
             n = a.k * p.oversample
-            if len(keep) > n:  # only items at or above the n-th largest sum can be among the best n
-                floor = np.partition(kept, len(kept) - n)[len(kept) - n]
-                keys = [keys[j] for j in np.flatnonzero(kept >= floor).tolist()]
-            best = sorted(keys, key=lambda y: (-total[y], y))[:n]
+            taken: list[tuple[float, str]] = []
+            values = sums.tolist()
+            nos_list = uniq.tolist()
+            for j in np.argsort(-sums).tolist():
+                v = values[j]
+                if len(taken) >= n and v < taken[n - 1][0]:
+                    break
+                no = nos_list[j]
+                if no in seen:
+                    continue
+                y = ids_by_no[no]
+                if exclude and y in exclude:
+                    continue
+                taken.append((v, y))
+            taken.sort(key=lambda vy: (-vy[0], vy[1]))
             vector = a.vector
             results[i] = results.get(i, []) + [
                 Candidate(y, float(np.dot(vector, known[y].vector)), *_attrs(known[y]))
-                for y in best if known[y].vector is not None and known[y].available]
+                for _, y in taken[:n] if known[y].vector is not None and known[y].available]
 
     async def _popular_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], dict[str, float]]:
         """The ``n`` most popular items (with vectors, similarity = popularity) and each one's

@@ -195,11 +195,13 @@ def normalised_cooccurrence(rows: dict[str, list[tuple[str, float]]], counts: di
                             n: int) -> dict[str, list[tuple[str, float]]]:
     """Co-click counts over sqrt(clicks of a * clicks of b), the best ``n`` per item (all for 0)."""
     out = {}
+    get, sqrt = counts.get, math.sqrt
     for a, partners in rows.items():
-        ca = counts.get(a, 0.0)
-        scored = [(b, c / math.sqrt(ca * counts[b])) for b, c in partners if ca > 0 and counts.get(b, 0.0) > 0]
-        scored.sort(key=lambda bc: (-bc[1], bc[0]))
-        out[a] = scored[:n] if n > 0 else scored
+        ca = get(a, 0.0)
+        # (-score, b) pairs sort as the key (-score, b) would, without a call per pair
+        neg = [(-(c / sqrt(ca * cb)), b) for b, c in partners if (cb := get(b, 0.0)) > 0] if ca > 0 else []
+        neg.sort()
+        out[a] = [(b, -v) for v, b in (neg[:n] if n > 0 else neg)]
     return out
 
 
@@ -219,9 +221,9 @@ def normalised_transitions(rows: dict[str, list[tuple[str, float]]], counts: dic
     out = {}
     for a, partners in rows.items():
         ca = counts.get(a, 0.0)
-        scored = [(b, c / ca) for b, c in partners] if ca > 0 else []
-        scored.sort(key=lambda bc: (-bc[1], bc[0]))
-        out[a] = scored[:n]
+        neg = [(-(c / ca), b) for b, c in partners] if ca > 0 else []
+        neg.sort()
+        out[a] = [(b, -v) for v, b in neg[:n]]
     return out
 
 

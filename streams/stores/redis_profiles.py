@@ -753,4 +753,4 @@ def _scored(reply: Any) -> list[tuple[str, float]]:
         return []
     if isinstance(reply[0], (list, tuple)):
         return [(m.decode(), float(sc)) for m, sc in reply]
-    return [(reply[j].decode(), float(reply[j + 1])) for j in range(0, len(reply), 2)]
+    return list(zip(map(bytes.decode, reply[0::2]), map(float, reply[1::2])))

@@ -553,3 +553,46 @@ def test_search_limit_is_what_a_list_keeps_and_what_its_first_search_asks(monkey
     assert search_limit(10, 1, excluded=7) == (24, 36)  # excluded items are fetched on top, rounded to 8
     monkeypatch.setattr(streams.pipeline, "PROBE", 2)
     assert search_limit(10, 1) == (16, 32)
+
+
+@pytest.mark.parametrize("co", [True, False])
+def test_behaviour_sums_read_by_id_match_a_plain_loop(co):
+    """A list's co-click (or step) sums and strongest sources, read lazily by item id, are what a
+    loop over its sources gives: the sum in the sources' order, the first source of equal ones."""
+    import random
+
+    from models.ranking import Candidate
+    from streams.pipeline import _From, _Row, _Summed, _Sums
+
+    rng = random.Random(7 if co else 8)
+    known = {f"i{n}": Candidate(f"i{n}", 0.0, title=f"title {n}", no=n) for n in range(60)}
+    sources = ["i1", "i2", "i3", "i4"]
+    scale = (lambda pos: 1.0) if co else (lambda pos: 1.0 / (pos + 1))
+    parts = []
+    for pos in range(len(sources)):
+        nos = rng.sample(range(60), 25)
+        vals = [rng.choice([0.5, 1.0, 0.25, rng.random()]) for _ in nos]  # equal values on purpose
+        parts.append((pos, _Row(np.array(nos, dtype=np.int64), np.array(vals, dtype=np.float64))))
+    nos = np.concatenate([r.nos for _, r in parts])
+    vals = np.concatenate([r.vals * scale(pos) for pos, r in parts])
+    uniq, inv = np.unique(nos, return_inverse=True)
+    summed = _Summed(uniq, np.bincount(inv, weights=vals), parts, scale, sources, known)
+    sums, names = _Sums(summed), _From(summed)
+
+    want_sum: dict[str, float] = {}
+    want_from: dict[str, tuple[float, str]] = {}
+    for pos, row in parts:
+        for no, v in zip(row.nos.tolist(), row.vals.tolist()):
+            y, v = f"i{no}", v * scale(pos)
+            want_sum[y] = want_sum.get(y, 0.0) + v
+            if y not in want_from or v > want_from[y][0]:
+                want_from[y] = (v, sources[pos])
+    assert len(sums) == len(want_sum) and set(sums) == set(want_sum)
+    for y in known:
+        assert sums.get(y, 0.0) == want_sum.get(y, 0.0)
+        assert (y in names) == (y in want_from)
+        if y in want_from:
+            assert names[y] == known[want_from[y][1]].title
+    ids = list(known) + ["not-an-item"]
+    assert sums.many(ids).tolist() == [want_sum.get(y, 0.0) for y in ids]
+    assert "not-an-item" not in sums and sums.get("not-an-item", -1.0) == -1.0
