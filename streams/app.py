@@ -136,11 +136,13 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         log.debug("%s batch of %d: process %.1f ms, publish %.1f ms, commit %.1f ms", name, len(raw),
                   (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
 
-    def consume(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]], again: bool = False):
+    def consume(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]], again: bool = False,
+                prepare: Optional[Callable[[Sequence[RawMessage]], None]] = None):
         """An agent over ``process``. With ``again``, a batch whose lists may be out but whose effects
         are not applied is taken again as it was (:meth:`Pipeline.next_batch`): events held for a
         later batch wait, and events of that batch not yet held are waited for up to
-        ``REDO_WAIT_S``."""
+        ``REDO_WAIT_S``. Events are taken from the stream while a batch runs (up to two batches
+        held); ``prepare`` is shown each full batch that waits behind the running one."""
         async def agent(stream: faust.StreamT) -> None:
             agents[name] = "running"
             metrics.agent(name, True)
@@ -164,29 +166,75 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                 app.conf.stream_wait_empty = False  # its taken events will never be acked: do not wait for them
                 os.kill(os.getpid(), signal.SIGTERM)
 
+        def raw_of(events: Sequence) -> list[RawMessage]:
+            return [RawMessage(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key,
+                               ev.message.value) for ev in events]
+
         async def batches(stream: faust.StreamT) -> None:
-            held: list = []
-            waiting_since: Optional[float] = None
-            async for batch in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
-                held += batch
-                while held:
-                    raw = [RawMessage(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key,
-                                      ev.message.value) for ev in held]
+            held: list = []  # taken from the stream, not yet acked, in order; the reader appends
+            running: set[int] = set()  # ids of the held events in the batch that runs now
+            arrived, room = asyncio.Event(), asyncio.Event()
+
+            async def read() -> None:
+                # The take generator is resumed as soon as a take is held, so the next events are
+                # taken while a batch runs; at most two batches are held.
+                async for batch in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
+                    held.extend(batch)
+                    arrived.set()
+                    if running and prepare is not None:
+                        waiting = [ev for ev in held if id(ev) not in running][: settings.batch_max]
+                        if len(waiting) == settings.batch_max:
+                            prepare(raw_of(waiting))
+                    while running and len(held) >= 2 * settings.batch_max:  # not while waiting for more
+                        room.clear()
+                        await room.wait()
+
+            reader = asyncio.ensure_future(read())
+            try:
+                waiting_since: Optional[float] = None
+                more = False  # wait for events taken after the last look at what is held
+                while True:
+                    if more or not held:
+                        got = asyncio.ensure_future(arrived.wait())
+                        await asyncio.wait({got, reader}, return_when=asyncio.FIRST_COMPLETED)
+                        got.cancel()
+                        if reader.done():
+                            reader.result()  # the stream stopped (or its error is raised)
+                            return
+                    arrived.clear()
+                    more = False
+                    if not held:
+                        continue
+                    raw = raw_of(held)
                     take: Optional[list[int]] = list(range(min(settings.batch_max, len(held))))
                     if again:
                         waited = waiting_since is not None and time.monotonic() - waiting_since >= REDO_WAIT_S
                         take = await retry_forever(lambda raw=raw, waited=waited: pipeline.next_batch(
                             raw, settings.batch_max, force=waited), backoff, what=f"{name} next batch", log=log,
                             on_retry=metrics.retried)
-                        if take is None:
+                        if take is None:  # wait for more events
                             waiting_since = waiting_since or time.monotonic()
-                            break
+                            more = True
+                            room.set()
+                            continue
                     waiting_since = None
-                    await run_batch(name, process, [raw[i] for i in take])
                     taken = set(take)
-                    for i in take:
-                        await stream.ack(held[i])
-                    held = [ev for i, ev in enumerate(held) if i not in taken]
+                    running.update(id(held[i]) for i in take)
+                    if prepare is not None:
+                        waiting = [raw[i] for i in range(len(raw)) if i not in taken][: settings.batch_max]
+                        if len(waiting) == settings.batch_max:
+                            prepare(waiting)
+                    try:
+                        await run_batch(name, process, [raw[i] for i in take])
+                        for i in take:
+                            await stream.ack(held[i])
+                    finally:
+                        running.clear()
+                    held[:] = [ev for i, ev in enumerate(held) if i not in taken]  # the reader only appends
+                    room.set()
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
         agent.__name__ = name
         return agent
 
@@ -272,7 +320,8 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                 await serve(metrics, settings.metrics_host, settings.metrics_port, health, ready, refresh, live)
 
         app.agent(catalog, name="catalog", concurrency=1)(consume("catalog", pipeline.process_catalog))
-        app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events, again=True))
+        app.agent(events, name="events", concurrency=1)(consume("events", pipeline.process_events, again=True,
+                                                                        prepare=pipeline.prefetch))
         app.agent(requests, name="requests", concurrency=1)(consume("requests", pipeline.process_requests))
 
         group = {"assigned": False, "partitions": 0}

@@ -367,6 +367,7 @@ class Pipeline:
         self._next: dict[str, int] = {}  # per source, the offset after this worker's last batch
         self._redo: dict[str, int] = {}  # a batch to take again: per source, its last offset
         self._applied: dict[str, int] = {}  # per source, the published offset read with it
+        self._prefetched: dict[tuple[str, ...], asyncio.Future] = {}  # query texts -> their encoding, begun early
         self.closers: list[Callable[[], Any]] = []  # what else :meth:`close` closes (e.g. a gate's client)
 
     async def peek_user(self, user_id: str) -> tuple[Profile, dict[str, str], dict[str, float]]:
@@ -393,6 +394,9 @@ class Pipeline:
                     await got
             except Exception:  # noqa: BLE001 - the rest still close
                 log.warning("closing %r failed", close, exc_info=True)
+        for job in self._prefetched.values():
+            job.cancel()
+        self._prefetched.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._encode_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -481,7 +485,7 @@ class Pipeline:
             else:
                 valid.append((m, e))
         queries = [e for _, e in valid if isinstance(e, Query)]
-        qvecs = await self._run(self.encoder.encode, [q.text for q in queries], encoder=True) if queries else []
+        qvecs = await self._encode_queries([q.text for q in queries]) if queries else []
         query_vectors = {q.event_id: v for q, v in zip(queries, qvecs, strict=True)}
 
         by_user: dict[str, list[tuple[RawMessage, Click | Query | ForgetUser]]] = {}
@@ -512,6 +516,38 @@ class Pipeline:
             out.count(m, "recommendations_out")
         self._learn(sequences, shown, weights, out)
         return out
+
+    def prefetch(self, batch: Sequence[RawMessage]) -> None:
+        """Start encoding the query texts of ``batch``, the events batch expected next, while the
+        current one runs. :meth:`process_events` takes the vectors only for exactly these texts in
+        this order (the same encoder call it would make, so the same vectors); otherwise, or if
+        the call failed, it encodes as usual. At most two such calls are kept."""
+        now = self.clock()
+        texts = []
+        for m in batch:
+            try:
+                e = parse_event(m.value, self.limits, now)
+            except InvalidMessage:
+                continue
+            if isinstance(e, Query):
+                texts.append(e.text)
+        key = tuple(texts)
+        if not texts or key in self._prefetched:
+            return
+        while len(self._prefetched) >= 2:  # their batches went otherwise
+            self._prefetched.pop(next(iter(self._prefetched))).cancel()
+        job = asyncio.ensure_future(self._run(self.encoder.encode, texts, encoder=True))
+        job.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is seen by its batch
+        self._prefetched[key] = job
+
+    async def _encode_queries(self, texts: list[str]) -> np.ndarray:
+        job = self._prefetched.pop(tuple(texts), None)
+        if job is not None:
+            try:
+                return await job
+            except Exception:  # noqa: BLE001 - encoded again below; its error, if any, raised there
+                log.debug("a prefetched query encoding failed; encoding again", exc_info=True)
+        return await self._run(self.encoder.encode, texts, encoder=True)
 
     def _learn(self, sequences: dict[str, list[tuple[RawMessage, Optional["_Answer"]]]],
                shown: dict[str, Impression], weights: np.ndarray, out: Output) -> None:
