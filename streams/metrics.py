@@ -47,6 +47,9 @@ class Metrics:
         self.probes = Counter("streamrec_exclusion_probes", "Lists whose candidates came from the batch's first "
                               "plain search (hit), or from a second search that over-fetched by the seen set or "
                               "excluded it in the index (miss).", ["outcome"], registry=self.registry)
+        self.prefetched = Counter("streamrec_query_prefetch", "Events batches with queries whose texts were "
+                                  "encoded while the batch before them ran (hit), or only when they ran (miss).",
+                                  ["outcome"], registry=self.registry)
         self._stats = Counter("streamrec_stats", "The worker's counters (the names of `streamrec stats`: events_in, "
                               "events_applied, redelivered, dead_letters, recommendations_out, ...) for the "
                               "batches this process completed.", ["name"], registry=self.registry)
@@ -67,6 +70,7 @@ class Metrics:
             self._stats.labels(name)
         for outcome in ("hit", "miss"):
             self.probes.labels(outcome)
+            self.prefetched.labels(outcome)
         self.started = time.time()
         self.last_batch_time: Optional[float] = None
 

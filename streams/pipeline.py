@@ -542,6 +542,7 @@ class Pipeline:
 
     async def _encode_queries(self, texts: list[str]) -> np.ndarray:
         job = self._prefetched.pop(tuple(texts), None)
+        self.metrics.prefetched.labels("miss" if job is None else "hit").inc()
         if job is not None:
             try:
                 return await job

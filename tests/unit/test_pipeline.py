@@ -596,3 +596,41 @@ def test_behaviour_sums_read_by_id_match_a_plain_loop(co):
     ids = list(known) + ["not-an-item"]
     assert sums.many(ids).tolist() == [want_sum.get(y, 0.0) for y in ids]
     assert "not-an-item" not in sums and sums.get("not-an-item", -1.0) == -1.0
+
+
+def test_query_texts_encoded_ahead_are_used_only_for_exactly_their_batch():
+    """A batch whose query texts were encoded while the batch before it ran makes the same lists
+    as without; a batch with other texts encodes its own (and the metric counts both)."""
+    def queries(prefix, n):
+        return [{"type": "query", "event_id": f"{prefix}{i}", "user_id": f"u{i % 3}", "text": f"space robots {i}",
+                 "timestamp": 1000.0} for i in range(n)]
+
+    def lists(out):
+        return [json.loads(v)["items"] for _, v in out.recommendations]
+
+    calls: list[list[str]] = []
+    plain, ahead = make_pipeline(), make_pipeline()
+    for p in (plain, ahead):
+        run_catalog(p, msgs(CATALOG, topic="catalog"))
+        inner = p.encoder._target.encode
+        p.encoder._target.encode = lambda texts, inner=inner: calls.append(list(texts)) or inner(texts)
+    batch = msgs(queries("a", 6))
+    want = run_events(plain, batch)
+
+    async def with_prefetch(p, batch, shown):
+        p.prefetch(shown)
+        out = await p.process_events(batch)
+        await p.commit(out)
+        return out
+
+    calls.clear()
+    got = asyncio.run(with_prefetch(ahead, batch, batch))
+    assert lists(got) == lists(want)
+    assert calls == [[f"space robots {i}" for i in range(6)]]  # encoded once, ahead of its batch
+    other = msgs(queries("b", 4))
+    calls.clear()
+    asyncio.run(with_prefetch(ahead, other, other[:3]))  # its batch grew: encoded again, whole
+    assert sorted(calls) == [[f"space robots {i}" for i in range(n)] for n in (3, 4)]
+    samples = {s.labels["outcome"]: s.value for m in ahead.metrics.registry.collect()
+               if m.name == "streamrec_query_prefetch" for s in m.samples if s.name.endswith("_total")}
+    assert samples == {"hit": 1.0, "miss": 1.0}
