@@ -175,16 +175,18 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
             running: set[int] = set()  # ids of the held events in the batch that runs now
             arrived, room = asyncio.Event(), asyncio.Event()
 
+            def prepare_next() -> None:  # shows ``prepare`` the full batch behind the running one
+                waiting = [ev for ev in held if id(ev) not in running][: settings.batch_max]
+                if prepare is not None and running and len(waiting) == settings.batch_max:
+                    prepare(raw_of(waiting))
+
             async def read() -> None:
                 # The take generator is resumed as soon as a take is held, so the next events are
                 # taken while a batch runs; at most two batches are held.
                 async for batch in stream.noack_take(settings.batch_max, within=settings.batch_within_s):
                     held.extend(batch)
                     arrived.set()
-                    if running and prepare is not None:
-                        waiting = [ev for ev in held if id(ev) not in running][: settings.batch_max]
-                        if len(waiting) == settings.batch_max:
-                            prepare(raw_of(waiting))
+                    prepare_next()
                     while running and len(held) >= 2 * settings.batch_max:  # not while waiting for more
                         room.clear()
                         await room.wait()
@@ -220,10 +222,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                     waiting_since = None
                     taken = set(take)
                     running.update(id(held[i]) for i in take)
-                    if prepare is not None:
-                        waiting = [raw[i] for i in range(len(raw)) if i not in taken][: settings.batch_max]
-                        if len(waiting) == settings.batch_max:
-                            prepare(waiting)
+                    prepare_next()
                     try:
                         await run_batch(name, process, [raw[i] for i in take])
                         for i in take:
