@@ -223,19 +223,16 @@ class _Summed:
 
     __slots__ = ("nos", "sums", "parts", "scale", "sources", "known", "_nos")
 
-    def __init__(self, nos: np.ndarray, sums: np.ndarray, parts: list[tuple[int, _Row]],
+    def __init__(self, nos: np.ndarray, nos_list: list[int], sums: np.ndarray, parts: list[tuple[int, _Row]],
                  scale: Callable[[int], float], sources: list[str], known: dict[str, Candidate]) -> None:
-        self.nos, self.sums, self.parts, self.scale = nos, sums, parts, scale
+        self.nos, self._nos, self.sums, self.parts, self.scale = nos, nos_list, sums, parts, scale
         self.sources, self.known = sources, known
-        self._nos: Optional[list[int]] = None
 
     def index(self, item_id: str) -> int:
         """The item's position in ``nos``, -1 if no source gives it."""
         c = self.known.get(item_id)
         if c is None:
             return -1
-        if self._nos is None:
-            self._nos = self.nos.tolist()
         j = bisect.bisect_left(self._nos, c.no)
         return j if j < len(self._nos) and self._nos[j] == c.no else -1
 
@@ -253,7 +250,7 @@ class _Summed:
 
     def strongest(self, j: int) -> str:
         """The source giving item ``j`` most (the first of equals, in the sources' order)."""
-        no = self._nos[j] if self._nos is not None else int(self.nos[j])
+        no = self._nos[j]
         best, best_v = -1, -math.inf
         for pos, row in self.parts:
             v = row.value(no)
@@ -521,10 +518,13 @@ class Pipeline:
         """Start encoding the query texts of ``batch``, the events batch expected next, while the
         current one runs. :meth:`process_events` takes the vectors only for exactly these texts in
         this order (the same encoder call it would make, so the same vectors); otherwise, or if
-        the call failed, it encodes as usual. At most two such calls are kept."""
+        the call failed, it encodes as usual. Only messages that spell ``"query"`` are parsed
+        here (a query spelled otherwise is encoded with its batch). At most two calls are kept."""
         now = self.clock()
         texts = []
         for m in batch:
+            if not m.value or b'"query"' not in m.value:  # not a query as clients write one: no parse
+                continue
             try:
                 e = parse_event(m.value, self.limits, now)
             except InvalidMessage:
@@ -973,7 +973,6 @@ class Pipeline:
                 table[x] = _Row(np.array(nos_, dtype=np.int64), np.array(vals_, dtype=np.float64))
         scale: Callable[[int], float] = (lambda pos: 1.0) if co else (lambda pos: 1.0 / (pos + 1))
         ids_by_no: Optional[dict[int, str]] = None
-        n = 0
         for i, xs in sources.items():
             a = answers[i]
             parts = [(pos, table[x]) for pos, x in enumerate(xs) if x in table]
@@ -983,7 +982,8 @@ class Pipeline:
             vals = np.concatenate([row.vals * scale(pos) for pos, row in parts])
             uniq, inv = np.unique(nos, return_inverse=True)
             sums = np.bincount(inv, weights=vals, minlength=len(uniq))  # in input order, as a loop adds
-            summed = _Summed(uniq, sums, parts, scale, xs, known)
+            nos_list = uniq.tolist()
+            summed = _Summed(uniq, nos_list, sums, parts, scale, xs, known)
             if co:
                 signals[i].cooccur, signals[i].cooccur_from = _Sums(summed), _From(summed)
             else:
@@ -997,7 +997,6 @@ class Pipeline:
             n = a.k * p.oversample
             taken: list[tuple[float, str]] = []
             values = sums.tolist()
-            nos_list = uniq.tolist()
             for j in np.argsort(-sums).tolist():
                 v = values[j]
                 if len(taken) >= n and v < taken[n - 1][0]:

@@ -576,7 +576,7 @@ def test_behaviour_sums_read_by_id_match_a_plain_loop(co):
     nos = np.concatenate([r.nos for _, r in parts])
     vals = np.concatenate([r.vals * scale(pos) for pos, r in parts])
     uniq, inv = np.unique(nos, return_inverse=True)
-    summed = _Summed(uniq, np.bincount(inv, weights=vals), parts, scale, sources, known)
+    summed = _Summed(uniq, uniq.tolist(), np.bincount(inv, weights=vals), parts, scale, sources, known)
     sums, names = _Sums(summed), _From(summed)
 
     want_sum: dict[str, float] = {}
