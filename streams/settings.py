@@ -106,6 +106,9 @@ class Settings(BaseSettings):
         "a core to the event loop and the stores: on 2 shared cores, 2 torch threads encode 2.7x slower than 1")
 
     # Worker
+    blas_threads: int = Field(
+        1, ge=0, description="BLAS threads of the worker's numpy; 0: the library's default. Its products are "
+        "small: extra BLAS threads spin after each one, on cores that the stores on the host could use")
     batch_max: int = Field(256, ge=1, description="largest micro-batch of events")
     batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
     item_cache_size: int = Field(50_000, ge=0)

@@ -308,6 +308,7 @@ def run_ablations(s: Settings, dataset: Dataset, events: list[dict], opts: EvalO
     from dataclasses import replace
 
     from workers.simulate import CachedEncoder, simulate
+    from workers.worker import limit_blas_threads
 
     encoder = CachedEncoder(encoder or s.open_encoder())
     out = {}
@@ -317,8 +318,9 @@ def run_ablations(s: Settings, dataset: Dataset, events: list[dict], opts: EvalO
         label = ABLATION + ("all" if name == "all" else "-" + name)
         _say(f"ablation {label}: streamrec in one process, signals off: {off or 'none'}")
         t = time.perf_counter()
-        out[label] = simulate(dataset.catalog, events, encoder, params, k=opts.k, batch=64,
-                              options=s.store_options()).lists
+        with limit_blas_threads(s.blas_threads):  # as the worker runs
+            out[label] = simulate(dataset.catalog, events, encoder, params, k=opts.k, batch=64,
+                                  options=s.store_options()).lists
         seconds[label] = time.perf_counter() - t
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -38,6 +39,16 @@ def build_pipeline(settings: Settings):
     return pipeline
 
 
+def limit_blas_threads(n: int) -> contextlib.AbstractContextManager:
+    """Run numpy's BLAS on ``n`` threads (0: leave the library's default) from now on, or until the
+    returned context exits: the pipeline's products are small, and idle BLAS threads spin."""
+    if not n:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(n, user_api="blas")
+
+
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Check that Kafka, Redis and Milvus let the worker in (raises
     :class:`workers.preflight.ServiceError`), create the topics, load the encoder, and consume until
@@ -51,6 +62,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     from streams.stores.eventlog import KafkaEventLog, all_topics
     from workers.preflight import preflight
 
+    limit_blas_threads(settings.blas_threads)  # for the life of the process
     asyncio.run(preflight(settings))
     log.info("startup checks passed")
     created = KafkaEventLog.from_settings(settings).ensure_topics(

@@ -89,3 +89,20 @@ def test_the_cli_refuses_an_unknown_variable(monkeypatch, capsys):
         main(["config"])
     assert exc.value.code == 2
     assert "STREAMREC_BATCH_MAXX (did you mean STREAMREC_BATCH_MAX?)" in capsys.readouterr().err
+
+
+def test_blas_threads_are_limited_while_asked_and_left_alone_at_zero():
+    from threadpoolctl import threadpool_info
+
+    from workers.worker import limit_blas_threads
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert before, "numpy has no BLAS that threadpoolctl sees"
+    with limit_blas_threads(1):
+        assert blas_threads() == {1}
+    assert blas_threads() == before
+    with limit_blas_threads(0):
+        assert blas_threads() == before
