@@ -136,25 +136,39 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
         per_category[pool[i].category] = per_category.get(pool[i].category, 0) + 1
         chosen.append((i, best_s))
     if chosen:
-        contributions = (X[[i for i, _ in chosen]] * w).tolist()
-        for (i, s), contrib in zip(chosen, contributions):
+        for (i, s), groups in zip(chosen, _groups_by_contribution(X[[i for i, _ in chosen]] * w)):
             c = pool[i]
-            out.append(Ranked(c.item_id, round(s, 6), explain(profile, c, dist, params, contrib, signals),
-                              c.title, c.category))
+            out.append(Ranked(c.item_id, round(s, 6), explain(profile, c, dist, params, signals=signals,
+                                                              groups=groups), c.title, c.category))
     return out
 
 
 _GROUPS = {"text": (0, 6, 10), "cooccur": (1, 7), "transitions": (2, 8), "popularity": (3, 9), "interest": (4, 5)}
+_GROUP_NAMES = list(_GROUPS)
+
+
+def _groups_by_contribution(contributions: np.ndarray) -> list[list[str]]:
+    """For each row of ``contributions`` (weight times feature), the signal groups by what they add,
+    most first (ties in ``_GROUPS`` order): each group's sum is added left to right, as ``sum`` would."""
+    sums = np.empty((len(contributions), len(_GROUPS)))
+    for g, cols in enumerate(_GROUPS.values()):
+        acc = contributions[:, cols[0]]
+        for j in cols[1:]:
+            acc = acc + contributions[:, j]
+        sums[:, g] = acc
+    return [[_GROUP_NAMES[g] for g in row] for row in np.argsort(-sums, axis=1, kind="stable").tolist()]
 
 
 def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: ModelParams,
-            contributions: Optional[Sequence[float]] = None, signals: Optional[Signals] = None) -> str:
+            contributions: Optional[Sequence[float]] = None, signals: Optional[Signals] = None,
+            groups: Optional[Sequence[str]] = None) -> str:
     """A short reason from the signal that adds most to the item's score (``contributions``: weight
-    times feature): the recent click it is often clicked with or after, the recent click or query it
-    is closest to, the interest it matches, or its popularity."""
+    times feature, or ``groups``: the signal groups already in that order): the recent click it is
+    often clicked with or after, the recent click or query it is closest to, the interest it
+    matches, or its popularity."""
     signals = signals or Signals()
-    order = ["text"]
-    if contributions is not None:
+    order = list(groups) if groups is not None else ["text"]
+    if groups is None and contributions is not None:
         order = sorted(_GROUPS, key=lambda g: -sum([contributions[j] for j in _GROUPS[g]]))
     for group in order:
         if group == "transitions" and item.item_id in signals.transitions_from:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Optional, Sequence
 
 import faust
 
@@ -43,3 +44,20 @@ class Recommendations(faust.Record, namespace="streamrec.v1.Recommendations"):
     scene: Optional[str] = None
     cold_start: bool = False
     duplicate: bool = False  # the trigger event had been applied before (redelivery)
+
+
+def recommendations_json(user_id: str, trigger_event_id: str, trigger_type: str,
+                         items: Sequence[tuple[str, float, str, str, str]], model_version: str, encoder: str,
+                         event_time: float, produced_time: float, scene: Optional[str] = None,
+                         cold_start: bool = False, duplicate: bool = False) -> bytes:
+    """The wire bytes of a :class:`Recommendations` (``items``: item id, score, reason, title and
+    category of each), exactly ``json.dumps(to_wire(Recommendations(...))).encode()``, without
+    building the records: a list goes out after every event."""
+    return json.dumps({
+        "schema": _NAMESPACE, "user_id": user_id, "trigger_event_id": trigger_event_id, "trigger_type": trigger_type,
+        "items": [{"item_id": i, "score": sc, "reason": r, "title": t, "category": c} for i, sc, r, t, c in items],
+        "model_version": model_version, "encoder": encoder, "event_time": event_time, "produced_time": produced_time,
+        "scene": scene, "cold_start": cold_start, "duplicate": duplicate}).encode()
+
+
+_NAMESPACE = Recommendations._options.namespace

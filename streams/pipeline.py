@@ -39,8 +39,8 @@ from models.profile import (Applied, Explainer, Profile, apply_click, apply_quer
 from models.learning import Impression, pairwise_step, weights_from
 from models.ranking import Candidate, Ranked, Signals, cold_start, rank
 from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, ItemUpsert, Limits, Query,
-                     RecommendationRequest, RecommendedItem, Recommendations, parse_catalog, parse_event,
-                     parse_request)
+                     RecommendationRequest, parse_catalog, parse_event, parse_request)
+from schemas.recommendations import recommendations_json
 from schemas.validate import to_wire
 from streams.metrics import Metrics, Timed
 from streams.stores import codec
@@ -508,8 +508,8 @@ class Pipeline:
         # never a click that comes after their event.
         ids = {c.no: c.item_id for c in items.values()}
         weights = weights_from(model, self.params)
-        for (m, _), rec in zip(flat, await self.answer([a for _, a in flat], ids, weights), strict=True):
-            out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
+        for (m, _), (user, payload) in zip(flat, await self.answer([a for _, a in flat], ids, weights), strict=True):
+            out.recommendations.append((user.encode(), payload))
             out.count(m, "recommendations_out")
         self._learn(sequences, shown, weights, out)
         return out
@@ -744,8 +744,8 @@ class Pipeline:
                            profiles[r.user_id], exclude=frozenset(r.exclude), only_categories=tuple(r.categories))
                    for _, r in reqs]
         weights = weights_from(await self.profiles.model(), self.params) if answers else None
-        for (m, _), rec in zip(reqs, await self.answer(answers, weights=weights), strict=True):
-            out.recommendations.append((rec.user_id.encode(), json.dumps(to_wire(rec)).encode()))
+        for (m, _), (user, payload) in zip(reqs, await self.answer(answers, weights=weights), strict=True):
+            out.recommendations.append((user.encode(), payload))
             out.count(m, "requests_answered")
         return out
 
@@ -768,9 +768,10 @@ class Pipeline:
         return found
 
     async def answer(self, answers: Sequence[_Answer], ids: Optional[dict[int, str]] = None,
-                     weights: Optional[np.ndarray] = None) -> list[Recommendations]:
+                     weights: Optional[np.ndarray] = None) -> list[tuple[str, bytes]]:
         """Rank a list for each answer: one batched search for all personalised ones, the
-        cold-start list (popularity, then newest) for the rest and to fill short lists. ``ids``:
+        cold-start list (popularity, then newest) for the rest and to fill short lists; each as
+        (user id, the wire bytes of its ``Recommendations``). ``ids``:
         the item ids of the catalog numbers clicked in the batch; ``weights``: the ranker's (the
         defaults when None). Each answer's ``impression`` is set to what its list remembers."""
         ids = ids or {}
@@ -850,7 +851,7 @@ class Pipeline:
             self._behaviour_candidates(answers, results, signals, kind, *reading[kind], behaviour_items)
         # Popular items join every personalised list's candidates (and fill the cold-start lists).
         newest: Optional[list[Candidate]] = None  # read only when a list needs filling
-        produced: list[Recommendations] = []
+        produced: list[tuple[str, bytes]] = []
         if "text" not in off and signals:  # how thin each candidate's behaviour is
             ids_ = {c.item_id for i in signals for c in results.get(i, ())}
             ids_.update(c.item_id for pool, _ in pools.values() for c in pool)
@@ -881,12 +882,11 @@ class Pipeline:
                 fill = cold_start(unseen[0], unseen[1], a.k - len(ranked), exclude=a.exclude | taken,
                                   only_categories=a.only_categories)
                 ranked = list(ranked) + fill[: a.k - len(ranked)]
-            produced.append(Recommendations(
-                user_id=a.user_id, trigger_event_id=a.trigger_id, trigger_type=a.trigger_type,
-                items=[RecommendedItem(item_id=r.item_id, score=r.score, reason=r.reason, title=r.title,
-                                       category=r.category) for r in ranked[: a.k]],
-                model_version=MODEL_VERSION, encoder=self.encoder.version, event_time=a.event_time,
-                produced_time=self.clock(), scene=a.scene, cold_start=a.vector is None, duplicate=a.duplicate))
+            produced.append((a.user_id, recommendations_json(
+                a.user_id, a.trigger_id, a.trigger_type,
+                [(r.item_id, r.score, r.reason, r.title, r.category) for r in ranked[: a.k]],
+                MODEL_VERSION, self.encoder.version, a.event_time, self.clock(), a.scene, a.vector is None,
+                a.duplicate)))
         return produced
 
     async def _search(self, answers: Sequence[_Answer], plans: dict[int, "_Plan"]) -> dict[int, list[Candidate]]:

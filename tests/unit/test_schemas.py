@@ -615,3 +615,26 @@ def nearly_valid_events(draw):
 def test_nearly_valid_events_parse_or_are_invalid(value):
     """Messages of a real type whose fields hold arbitrary values: the field checks must catch all."""
     _parses_or_is_invalid(encode(value))
+
+
+_texts = st.text(max_size=20)
+_items = st.lists(st.tuples(_texts, st.floats(allow_nan=False, allow_infinity=False), _texts, _texts, _texts),
+                  max_size=12)
+
+
+@given(_texts, _texts, st.sampled_from(["click", "query", "request"]), _items, _texts, _texts,
+       st.floats(allow_nan=False, allow_infinity=False), st.floats(allow_nan=False, allow_infinity=False),
+       st.none() | _texts, st.booleans(), st.booleans())
+def test_recommendations_are_written_as_the_record_would_be(user, trigger, kind, items, model, encoder, event_time,
+                                                           produced_time, scene, cold, duplicate):
+    """The pipeline writes lists without building records; the bytes are those of the record."""
+    from schemas.recommendations import RecommendedItem, Recommendations, recommendations_json
+
+    record = Recommendations(
+        user_id=user, trigger_event_id=trigger, trigger_type=kind,
+        items=[RecommendedItem(item_id=i, score=sc, reason=r, title=t, category=c) for i, sc, r, t, c in items],
+        model_version=model, encoder=encoder, event_time=event_time, produced_time=produced_time, scene=scene,
+        cold_start=cold, duplicate=duplicate)
+    fast = recommendations_json(user, trigger, kind, items, model, encoder, event_time, produced_time, scene, cold,
+                                duplicate)
+    assert fast == json.dumps(to_wire(record)).encode()
