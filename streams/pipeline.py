@@ -200,6 +200,16 @@ class _Plan:
     need: int
 
 
+def partner_sums(nos: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct catalog numbers of ``nos`` (ascending) and the sum of ``vals`` over each, added
+    in input order as a loop adds: counted by number where the numbers are dense, else sorted."""
+    if len(nos) and int(nos.max()) < 16 * len(nos):
+        uniq = np.flatnonzero(np.bincount(nos))
+        return uniq, np.bincount(nos, weights=vals)[uniq]
+    uniq, inv = np.unique(nos, return_inverse=True)
+    return uniq, np.bincount(inv, weights=vals, minlength=len(uniq))
+
+
 class _Row:
     """One source's partners: catalog numbers and scores, and (made on first use) a lookup."""
 
@@ -966,11 +976,18 @@ class Pipeline:
         co = kind == "cooccur"
         # per source: its partners' catalog numbers and scores, as arrays
         table: dict[str, _Row] = {}
+        no_of = {y: c.no for y, c in known.items()}
         for x, ys in partners.items():
-            rows = [(known[y].no, score) for y, score in ys if y in known]
-            if rows:
-                nos_, vals_ = zip(*rows)
-                table[x] = _Row(np.array(nos_, dtype=np.int64), np.array(vals_, dtype=np.float64))
+            if not ys:
+                continue
+            ids_, vals_ = zip(*ys)
+            nos_ = np.array([no_of.get(y, -1) for y in ids_], dtype=np.int64)
+            vals = np.array(vals_, dtype=np.float64)
+            if (nos_ < 0).any():  # partners the item cache does not know
+                keep = nos_ >= 0
+                nos_, vals = nos_[keep], vals[keep]
+            if len(nos_):
+                table[x] = _Row(nos_, vals)
         scale: Callable[[int], float] = (lambda pos: 1.0) if co else (lambda pos: 1.0 / (pos + 1))
         ids_by_no: Optional[dict[int, str]] = None
         for i, xs in sources.items():
@@ -980,8 +997,7 @@ class Pipeline:
                 continue
             nos = np.concatenate([row.nos for _, row in parts])
             vals = np.concatenate([row.vals * scale(pos) for pos, row in parts])
-            uniq, inv = np.unique(nos, return_inverse=True)
-            sums = np.bincount(inv, weights=vals, minlength=len(uniq))  # in input order, as a loop adds
+            uniq, sums = partner_sums(nos, vals)
             nos_list = uniq.tolist()
             summed = _Summed(uniq, nos_list, sums, parts, scale, xs, known)
             if co:

@@ -598,6 +598,23 @@ def test_behaviour_sums_read_by_id_match_a_plain_loop(co):
     assert "not-an-item" not in sums and sums.get("not-an-item", -1.0) == -1.0
 
 
+@pytest.mark.parametrize("top", [50, 10_000_000])  # numbers counted, and sorted
+def test_partner_sums_add_in_input_order(top):
+    """Each partner's sum is exactly what a loop over the rows in order adds, whichever way the
+    numbers are grouped."""
+    from streams.pipeline import partner_sums
+
+    rng = np.random.default_rng(top)
+    nos = rng.integers(0, top, size=400) if top < 1000 else rng.choice([3, 17, top - 1, 5_000_000], size=400)
+    vals = rng.choice([0.1, 0.2, 0.3, 1 / 3, 1e-9, 7.0], size=400)  # sums that depend on the order of adding
+    want: dict[int, float] = {}
+    for no, v in zip(nos.tolist(), vals.tolist()):
+        want[no] = want.get(no, 0.0) + v
+    uniq, sums = partner_sums(nos.astype(np.int64), vals)
+    assert uniq.tolist() == sorted(want)
+    assert sums.tolist() == [want[no] for no in sorted(want)]
+
+
 def test_query_texts_encoded_ahead_are_used_only_for_exactly_their_batch():
     """A batch whose query texts were encoded while the batch before it ran makes the same lists
     as without; a batch with other texts encodes its own (and the metric counts both)."""
