@@ -160,17 +160,13 @@ def _groups_by_contribution(contributions: np.ndarray) -> list[list[str]]:
 
 
 def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: ModelParams,
-            contributions: Optional[Sequence[float]] = None, signals: Optional[Signals] = None,
-            groups: Optional[Sequence[str]] = None) -> str:
-    """A short reason from the signal that adds most to the item's score (``contributions``: weight
-    times feature, or ``groups``: the signal groups already in that order): the recent click it is
-    often clicked with or after, the recent click or query it is closest to, the interest it
-    matches, or its popularity."""
+            signals: Optional[Signals] = None, groups: Sequence[str] = ("text",)) -> str:
+    """A short reason from the signal that adds most to the item's score (``groups``: the signal
+    groups, most first, from :func:`_groups_by_contribution`): the recent click it is often clicked
+    with or after, the recent click or query it is closest to, the interest it matches, or its
+    popularity."""
     signals = signals or Signals()
-    order = list(groups) if groups is not None else ["text"]
-    if groups is None and contributions is not None:
-        order = sorted(_GROUPS, key=lambda g: -sum([contributions[j] for j in _GROUPS[g]]))
-    for group in order:
+    for group in groups:
         if group == "transitions" and item.item_id in signals.transitions_from:
             return f"often clicked after {_clip(signals.transitions_from[item.item_id])}"
         if group == "cooccur" and item.item_id in signals.cooccur_from:
