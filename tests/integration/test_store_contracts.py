@@ -389,6 +389,52 @@ def test_milvus_collection_records_its_encoder_and_refuses_another(milvus):
         ix.close()
 
 
+def test_milvus_collections_search_by_inner_product_and_older_cosine_ones_keep_theirs(milvus):
+    """New collections search unit vectors by inner product (their cosine, at less cost on Milvus
+    Lite); a collection made with COSINE by an earlier release is still searched by COSINE."""
+    from pymilvus import DataType
+
+    from streams.stores.milvus_items import INDEX_PARAMS, milvus_client
+
+    kw = {k: v for k, v in milvus.items() if k != "uri"}
+    new, old = f"c_{uuid.uuid4().hex[:8]}", f"c_{uuid.uuid4().hex[:8]}"
+    other = milvus_client(milvus["uri"], milvus.get("token", ""))
+    ix = open_item_index(milvus["uri"], DIM, new, **kw)
+    try:
+        assert ix.metric == "IP"
+        schema = other.create_schema(auto_id=False, enable_dynamic_field=False)
+        for name, dtype, extra in (("item_id", DataType.VARCHAR, {"is_primary": True, "max_length": 64}),
+                                   ("vector", DataType.FLOAT_VECTOR, {"dim": DIM}),
+                                   ("title", DataType.VARCHAR, {"max_length": 64}),
+                                   ("category", DataType.VARCHAR, {"max_length": 64}),
+                                   ("available", DataType.BOOL, {}), ("ts", DataType.DOUBLE, {}),
+                                   ("no", DataType.INT64, {})):
+            schema.add_field(name, dtype, **extra)
+        schema.add_field("scenes", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=4, max_length=64)
+        params = other.prepare_index_params()
+        index_type = kw.get("index_type", "FLAT")
+        params.add_index(field_name="vector", index_type=index_type, metric_type="COSINE",
+                         params=INDEX_PARAMS[index_type])
+        other.create_collection(old, schema=schema, index_params=params)
+        older = open_item_index(milvus["uri"], DIM, old, **kw)
+        try:
+            assert older.metric == "COSINE"
+            q = unit(1) + 0.5 * unit(2)
+            q /= np.linalg.norm(q)
+            rows = [ItemRow(f"i{n}", unit(n), f"T{n}", "a", (), True, float(n), n) for n in range(4)]
+            for x in (ix, older):
+                x.upsert(rows)
+                hits = x.search(np.stack([q]), 2)[0]
+                assert [h.item_id for h in hits] == ["i1", "i2"]
+                assert [h.similarity for h in hits] == pytest.approx([float(q @ unit(1)), float(q @ unit(2))],
+                                                                     abs=1e-5)
+        finally:
+            older.close()
+    finally:
+        other.close()
+        ix.close()
+
+
 def test_milvus_standalone_refuses_a_wrong_token_and_the_check_says_so_in_one_line(milvus_standalone):
     """Authentication is on for real: a wrong token is rejected, and the worker's startup check
     reports it in one line that names Milvus."""
