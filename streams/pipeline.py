@@ -63,11 +63,11 @@ def _eights(n: int) -> int:
 
 
 def search_limit(k: int, oversample: int, excluded: int = 0) -> tuple[int, int]:
-    """A list's index search: the unseen items it keeps (``k * oversample`` plus its excluded
-    ones, rounded up to a multiple of 8) and the hits its first, plain search asks (``PROBE``
-    times that)."""
-    limit = _eights(k * oversample + excluded)
-    return limit, int(limit * PROBE)
+    """A list's index search: the unseen items it keeps (``k * oversample``, plus its excluded
+    ones) and the hits its first, plain search asks (``PROBE`` times that, rounded up to a
+    multiple of 8 so that lists of similar sizes share a search)."""
+    limit = k * oversample + excluded
+    return limit, _eights(math.ceil(limit * PROBE))
 
 
 @dataclass

@@ -548,11 +548,11 @@ def test_search_limit_is_what_a_list_keeps_and_what_its_first_search_asks(monkey
     import streams.pipeline
     from streams.pipeline import search_limit
 
-    assert search_limit(10, 2) == (24, 36)
-    assert search_limit(10, 1) == (16, 24)
-    assert search_limit(10, 1, excluded=7) == (24, 36)  # excluded items are fetched on top, rounded to 8
+    assert search_limit(10, 2) == (20, 32)
+    assert search_limit(10, 1) == (10, 16)  # a list keeps as many as it has slots; searches ask multiples of 8
+    assert search_limit(10, 1, excluded=7) == (17, 32)  # excluded items are fetched on top
     monkeypatch.setattr(streams.pipeline, "PROBE", 2)
-    assert search_limit(10, 1) == (16, 32)
+    assert search_limit(10, 1) == (10, 24)
 
 
 @pytest.mark.parametrize("co", [True, False])
