@@ -29,7 +29,7 @@ import math
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
+from typing import Any, Awaitable, Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +55,10 @@ EXCLUDE_IN_INDEX = 64
 #: Every list first takes its candidates from a plain search of (at most) this many times its
 #: limit; only where its seen items leave too few does it search again.
 PROBE = 1.5
+#: The most popular items read first for each scene in a batch; a list whose seen items leave it
+#: short reads further, up to its own need. A scene's own popularity is used once its list holds
+#: at least this many items.
+POPULAR_READ = 64
 
 
 def _eights(n: int) -> int:
@@ -68,6 +72,36 @@ def search_limit(k: int, oversample: int, excluded: int = 0) -> tuple[int, int]:
     multiple of 8 so that lists of similar sizes share a search)."""
     limit = k * oversample + excluded
     return limit, _eights(math.ceil(limit * PROBE))
+
+
+@dataclass
+class _Popular:
+    """The most popular items read so far for one scene: ``items`` with vectors (unknown and
+    unavailable ones left out) and the popularity rank of each; ``read`` rows were read and
+    ``exhausted`` says whether the store had no more."""
+
+    items: list[Candidate]
+    ranks: list[int]
+    read: int
+    exhausted: bool
+
+    def covers(self, bound: int) -> bool:
+        return self.exhausted or self.read >= bound
+
+    def unseen(self, seen: Any, exclude: Collection[str], bound: int) -> Iterator[Candidate]:
+        """The items among the first ``bound`` of the popularity order that are neither seen nor
+        excluded, in that order."""
+        for c, r in zip(self.items, self.ranks):
+            if r >= bound:
+                return
+            if c.no not in seen and c.item_id not in exclude:
+                yield c
+
+
+def popular_bound(a: "_Answer", oversample: int) -> int:
+    """How far down the popularity order a list looks for its ``k * oversample`` unseen items:
+    that many plus its seen and excluded ones, whatever else its batch holds."""
+    return a.k * oversample + len(a.profile.seen) + len(a.exclude)
 
 
 @dataclass
@@ -85,6 +119,11 @@ class CatalogBehind(RuntimeError):
     """A click names an item that the catalog may not have indexed yet: retry the batch later."""
 
     retriable = True
+
+
+async def _none() -> None:
+    """Nothing, as an awaitable (a read that is switched off)."""
+    return None
 
 
 async def together(*calls: Awaitable[Any]) -> list[Any]:
@@ -826,13 +865,25 @@ class Pipeline:
             plans, late = {}, {}
         # The index searches run beside the store reads that do not need their results (behaviour
         # partners, popular pools); what each read brings is merged below in a fixed order.
-        pool_size = max(a.k for a in answers) * p.oversample + max(len(a.profile.seen) + len(a.exclude) for a in answers)
         scenes = list(dict.fromkeys(a.scene for a in answers))
         kinds = [kind for kind in ("cooccur", "transitions") if kind not in off]
         found, (reading, behaviour_items), *pooled = await together(
             self._search(answers, plans), self._behaviour_read(answers, kinds),
-            *(self._popular_pool(scene, pool_size) for scene in scenes))
-        pools = dict(zip(scenes, pooled, strict=True))
+            *(self._popular_pool(scene, POPULAR_READ) for scene in scenes))
+        pools: dict[Optional[str], _Popular] = dict(zip(scenes, pooled, strict=True))
+        # A list takes the first ``k * oversample`` unseen popular items within its own bound; a
+        # scene whose read leaves some list short is read four times as far, up to that bound.
+        while True:
+            further: dict[Optional[str], int] = {}
+            for a in answers:
+                bound, pool = popular_bound(a, p.oversample), pools[a.scene]
+                if not pool.covers(bound) and sum(1 for _ in itertools.islice(
+                        pool.unseen(a.profile.seen, a.exclude, bound), a.k * p.oversample)) < a.k * p.oversample:
+                    further[a.scene] = max(further.get(a.scene, 0), min(bound, 4 * pool.read))
+            if not further:
+                break
+            again = await together(*(self._popular_pool(scene, n) for scene, n in further.items()))
+            pools.update(zip(further, again, strict=True))
         for i, hits in found.items():
             seen = answers[i].profile.seen
             results[i] = [c for c in hits if c.no not in seen][: limits[i]]
@@ -860,35 +911,47 @@ class Pipeline:
         for kind in kinds:
             self._behaviour_candidates(answers, results, signals, kind, *reading[kind], behaviour_items)
         # Popular items join every personalised list's candidates (and fill the cold-start lists).
+        if "popularity" not in off:
+            for i in signals:
+                a = answers[i]
+                extra = itertools.islice(pools[a.scene].unseen(a.profile.seen, a.exclude, popular_bound(a, p.oversample)),
+                                         a.k * p.oversample)
+                results[i] = results.get(i, []) + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
+                                                   for c in extra]
         newest: Optional[list[Candidate]] = None  # read only when a list needs filling
         produced: list[tuple[str, bytes]] = []
-        if "text" not in off and signals:  # how thin each candidate's behaviour is
-            ids_ = {c.item_id for i in signals for c in results.get(i, ())}
-            ids_.update(c.item_id for pool, _ in pools.values() for c in pool)
-            clicks = await self.profiles.item_clicks(sorted(ids_), max(a.event_time for a in answers))
-            for sig in signals.values():
-                sig.item_clicks = clicks
+        if signals:  # how thin each candidate's behaviour is, and how popular
+            by_scene: dict[Optional[str], set[str]] = {}
+            for i in signals:
+                by_scene.setdefault(answers[i].scene, set()).update(c.item_id for c in results.get(i, ()))
+            want_pop = [scene for scene in by_scene if "popularity" not in off]
+            clicks, *popularity = await together(
+                self.profiles.item_clicks(sorted(set().union(*by_scene.values())), max(a.event_time for a in answers))
+                if "text" not in off else _none(),
+                *(self.profiles.popularity(sorted(by_scene[scene]), scene, POPULAR_READ) for scene in want_pop))
+            pop_of = dict(zip(want_pop, popularity, strict=True))
+            for i, sig in signals.items():
+                if clicks is not None:
+                    sig.item_clicks = clicks
+                if answers[i].scene in pop_of:
+                    sig.popularity = pop_of[answers[i].scene]
         for i, a in enumerate(answers):
-            popular, popularity = pools[a.scene]
             ranked: list[Ranked] = []
             if a.vector is not None:
                 candidates = results.get(i, [])
-                if "popularity" not in off:
-                    signals[i].popularity = popularity
-                    # the first ``k * oversample`` unseen: the pool is read up to them, not scanned whole
-                    extra = list(itertools.islice((c for c in popular if c.no not in a.profile.seen
-                                                   and c.item_id not in a.exclude), a.k * p.oversample))
-                    candidates = candidates + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
-                                               for c in extra]
                 with self.metrics.stage("ranking"):
                     ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
                                   only_categories=a.only_categories, signals=signals[i], weights=weights)
                 a.impression = ranked.impression
             if len(ranked) < a.k:
-                if newest is None:
-                    newest = await self._pool(await self.profiles.newest(pool_size))
+                bound = popular_bound(a, p.oversample)
+                if not pools[a.scene].covers(bound):
+                    pools[a.scene] = await self._popular_pool(a.scene, bound)
+                if newest is None or len(newest) < bound:
+                    newest = await self._pool(await self.profiles.newest(bound))
                 taken = {r.item_id for r in ranked}
-                unseen = [[c for c in pool if c.no not in a.profile.seen] for pool in (popular, newest)]
+                unseen = [list(pools[a.scene].unseen(a.profile.seen, (), bound)),
+                          [c for c in newest[:bound] if c.no not in a.profile.seen]]
                 fill = cold_start(unseen[0], unseen[1], a.k - len(ranked), exclude=a.exclude | taken,
                                   only_categories=a.only_categories)
                 ranked = list(ranked) + fill[: a.k - len(ranked)]
@@ -1030,12 +1093,12 @@ class Pipeline:
                 Candidate(y, float(np.dot(vector, known[y].vector)), *_attrs(known[y]))
                 for _, y in taken[:n] if known[y].vector is not None and known[y].available]
 
-    async def _popular_pool(self, scene: Optional[str], n: int) -> tuple[list[Candidate], dict[str, float]]:
-        """The ``n`` most popular items (with vectors, similarity = popularity) and each one's
-        popularity relative to the first."""
-        popular = await self.profiles.popular(scene, n)
-        top = popular[0][1] if popular and popular[0][1] > 0 else 1.0
-        return await self._pool(popular), {i: s / top for i, s in popular}
+    async def _popular_pool(self, scene: Optional[str], n: int) -> _Popular:
+        """The ``n`` most popular items (with vectors, similarity = popularity)."""
+        rows = await self.profiles.popular(scene, n, enough=POPULAR_READ)
+        rank = {i: r for r, (i, _) in enumerate(rows)}
+        items = await self._pool(rows)
+        return _Popular(items, [rank[c.item_id] for c in items], len(rows), len(rows) < n)
 
     async def _pool(self, rows: list[tuple[str, float]]) -> list[Candidate]:
         """Candidates with vectors and attributes for (item id, score) rows; unknown and unavailable

@@ -173,9 +173,17 @@ class MemoryProfileStore(ProfileStore):
         f = math.pow(2.0, (self._cref - at) / self.o.cooccur_halflife_s)
         return {i: self._n.get(i, 0.0) * f for i in item_ids}
 
-    async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
-        table = self._pop.get(scene) if scene and len(self._pop.get(scene, {})) >= n else self._pop[None]
+    def _popular_table(self, scene: Optional[str], enough: int) -> dict[str, float]:
+        return self._pop[scene] if scene and len(self._pop.get(scene, {})) >= enough else self._pop[None]
+
+    async def popular(self, scene: Optional[str], n: int, enough: Optional[int] = None) -> list[tuple[str, float]]:
+        table = self._popular_table(scene, n if enough is None else enough)
         return sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    async def popularity(self, item_ids: Sequence[str], scene: Optional[str], enough: int) -> dict[str, float]:
+        table = self._popular_table(scene, enough)
+        top = max(table.values(), default=0.0)
+        return {i: table.get(i, 0.0) / top if top > 0 else 0.0 for i in item_ids}
 
     async def add_items(self, items: Sequence[tuple[str, float, str]]) -> None:
         for item_id, ts, cat in items:

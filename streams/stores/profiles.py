@@ -145,8 +145,14 @@ class ProfileStore(abc.ABC):
         to time ``at`` (co-clicks' half-life); 0 for an item never clicked."""
 
     @abc.abstractmethod
-    async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
-        """The ``n`` most popular items now (in ``scene`` when given and known)."""
+    async def popular(self, scene: Optional[str], n: int, enough: Optional[int] = None) -> list[tuple[str, float]]:
+        """The ``n`` most popular items now: in ``scene``'s own list when it is given and holds
+        at least ``enough`` items (default ``n``), else in the list of all clicks."""
+
+    @abc.abstractmethod
+    async def popularity(self, item_ids: Sequence[str], scene: Optional[str], enough: int) -> dict[str, float]:
+        """Each item's popularity relative to the most popular item's (0 to 1; 0 for an item
+        never clicked), in the list :meth:`popular` reads for ``scene`` and ``enough``."""
 
     @abc.abstractmethod
     async def add_items(self, items: Sequence[tuple[str, float, str]]) -> None:

@@ -180,6 +180,25 @@ end
 return out
 """
 
+# Partner rows of one shard's items, each as ZREVRANGE ... WITHSCORES gives it. KEYS: the rows.
+_ROWS = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('ZREVRANGE', KEYS[i], 0, -1, 'WITHSCORES') end
+return out
+"""
+
+# One shard's co-click reference and the decayed clicks of some of its items. KEYS: meta, clicks
+# hash. ARGV: the item ids as one JSON array. Returns the reference, then each item's clicks.
+_COUNTS = """
+local names = cjson.decode(ARGV[1])
+local out = {redis.call('HGET', KEYS[1], 'cref') or false}
+for i = 1, #names, 4000 do
+  local vals = redis.call('HMGET', KEYS[2], unpack(names, i, math.min(i + 3999, #names)))
+  for j = 1, #vals do out[#out + 1] = vals[j] end
+end
+return out
+"""
+
 # KEYS: catalog meta. ARGV: (partition, offset) pairs; a position never moves back.
 _PROGRESS = """
 for i = 1, #ARGV, 2 do
@@ -263,6 +282,8 @@ class RedisProfileStore(ProfileStore):
         self._number = self.redis.register_script(_NUMBER)
         self._progress = self.redis.register_script(_PROGRESS)
         self._remove = self.redis.register_script(_REMOVE)
+        self._rows = self.redis.register_script(_ROWS)
+        self._counts = self.redis.register_script(_COUNTS)
         self._replica_plan: list[tuple[Any, int]] = []
         self._replicas_at = -1e9
 
@@ -295,7 +316,7 @@ class RedisProfileStore(ProfileStore):
 
     async def _load_scripts(self) -> None:
         for script in (self._commit, self._apply, self._learn, self._rescale, self._number, self._progress,
-                       self._remove):
+                       self._remove, self._rows, self._counts):
             await self.redis.script_load(script.script)
 
     # -- keys ----------------------------------------------------------------------------------
@@ -569,32 +590,35 @@ class RedisProfileStore(ProfileStore):
         item_ids = list(dict.fromkeys(item_ids))
         if not item_ids:
             return {}
-        shards = sorted({self._shard(a) for a in item_ids})
-        rows_raw = await self._pipeline(lambda pipe: [
-            _zrevrange(pipe, self.shard_key(self._shard(a), kind + a), 0, -1) for a in item_ids])
-        rows = {a: _scored(r) for a, r in zip(item_ids, rows_raw, strict=True)}
+        # One script call per shard for the rows, then one per shard for the reference and the
+        # clicks of every item named (a command per row or per name cost more on the client).
+        sources: dict[int, list[str]] = {}
+        for a in item_ids:
+            sources.setdefault(self._shard(a), []).append(a)
+        order = list(sources)
+        replies = await self._pipeline(lambda pipe: [
+            self._script(pipe, self._rows, [self.shard_key(k, kind + a) for a in sources[k]], []) for k in order])
+        rows = {a: _scored(r) for k, got in zip(order, replies, strict=True) for a, r in zip(sources[k], got, strict=True)}
         names = list({*item_ids, *(b for r in rows.values() for b, _ in r)}) if kind == "co:" else item_ids
-        by_shard: dict[int, list[str]] = {}
+        by_shard: dict[int, list[str]] = {k: [] for k in sources}
         for x in names:
             by_shard.setdefault(self._shard(x), []).append(x)
-        shards = sorted(set(by_shard) | set(shards))
-        def build(pipe) -> None:
-            for k in shards:
-                pipe.hget(self.shard_key(k, "m"), "cref")
-            for k, xs in by_shard.items():
-                pipe.hmget(self.shard_key(k, "n"), xs)
-
-        got = await self._pipeline(build)
-        crefs = {k: float(v) for k, v in zip(shards, got[: len(shards)]) if v is not None}
+        shards = sorted(by_shard)
+        got = await self._pipeline(lambda pipe: [
+            self._script(pipe, self._counts, [self.shard_key(k, "m"), self.shard_key(k, "n")],
+                         [json.dumps(by_shard[k], separators=(",", ":"), ensure_ascii=False)]) for k in shards])
+        crefs = {k: float(r[0]) for k, r in zip(shards, got, strict=True) if r[0] is not None}
         if not crefs:
             return {a: [] for a in item_ids}
         base = max(crefs.values())
         scale = {k: math.pow(2.0, (r - base) / self.o.cooccur_halflife_s) for k, r in crefs.items()}
         counts: dict[str, float] = {}
-        for (k, xs), vals in zip(by_shard.items(), got[len(shards):], strict=True):
-            for x, v in zip(xs, vals, strict=True):
-                if v is not None and k in scale:
-                    counts[x] = float(v) * scale[k]
+        for k, r in zip(shards, got, strict=True):
+            if k in scale:
+                f = scale[k]
+                for x, v in zip(by_shard[k], r[1:], strict=True):
+                    if v is not None:
+                        counts[x] = float(v) * f
         for a, r in rows.items():
             f = scale.get(self._shard(a), 0.0)
             if f != 1.0:
@@ -625,7 +649,7 @@ class RedisProfileStore(ProfileStore):
                 out[i] = float(v) * f if v is not None else 0.0
         return out
 
-    async def popular(self, scene: Optional[str], n: int) -> list[tuple[str, float]]:
+    async def popular(self, scene: Optional[str], n: int, enough: Optional[int] = None) -> list[tuple[str, float]]:
         S = self.o.shards
 
         def first(pipe) -> None:
@@ -639,7 +663,8 @@ class RedisProfileStore(ProfileStore):
         refs = {k: float(rows[k * step]) for k in range(S) if rows[k * step] is not None}
         if not refs or n <= 0:
             return []
-        name = "pop:" + scene if scene and sum(int(rows[k * 2 + 1]) for k in range(S)) >= n else "pop"
+        enough = n if enough is None else enough
+        name = "pop:" + scene if scene and sum(int(rows[k * 2 + 1]) for k in range(S)) >= enough else "pop"
         base = max(refs.values())
         factor = {k: math.pow(2.0, (r - base) / self.o.popularity_halflife_s) for k, r in refs.items()}
         # Each shard's top entries, merged: a shard is asked for more only while all it gave ranks
@@ -659,6 +684,49 @@ class RedisProfileStore(ProfileStore):
             for k in pending:
                 ask[k] *= 4
         return merged[:n]
+
+    async def popularity(self, item_ids: Sequence[str], scene: Optional[str], enough: int) -> dict[str, float]:
+        S = self.o.shards
+        by_shard: dict[int, list[str]] = {}
+        for i in dict.fromkeys(item_ids):
+            by_shard.setdefault(self._shard(i), []).append(i)
+        names = ["pop", "pop:" + scene] if scene else ["pop"]
+
+        def build(pipe) -> None:  # per shard: its decay reference, then per list its size, top and items
+            for k in range(S):
+                pipe.hget(self.shard_key(k, "m"), "ref")
+                for name in names:
+                    key = self.shard_key(k, name)
+                    pipe.zcard(key)
+                    _zrevrange(pipe, key, 0, 0)
+                    if k in by_shard:
+                        pipe.execute_command("ZMSCORE", key, *by_shard[k])
+
+        got = iter(await self._pipeline(build))
+        refs: dict[int, float] = {}
+        lists: dict[str, dict] = {name: {"size": 0, "top": [], "scores": {}} for name in names}
+        for k in range(S):
+            ref = next(got)
+            for name in names:
+                at = lists[name]
+                at["size"] += int(next(got))
+                at["top"] += [(k, sc) for _, sc in _scored(next(got))]
+                if k in by_shard:
+                    at["scores"].update({i: (k, float(v)) for i, v in zip(by_shard[k], next(got), strict=True)
+                                         if v is not None})
+            if ref is not None:
+                refs[k] = float(ref)
+        name = names[1] if scene and lists[names[1]]["size"] >= enough else "pop"
+        if not refs:
+            return {i: 0.0 for i in item_ids}
+        base = max(refs.values())
+        factor = {k: math.pow(2.0, (r - base) / self.o.popularity_halflife_s) for k, r in refs.items()}
+        at = lists[name]
+        top = max((sc * factor.get(k, 0.0) for k, sc in at["top"]), default=0.0)
+        if top <= 0:
+            return {i: 0.0 for i in item_ids}
+        scores = at["scores"]
+        return {i: scores[i][1] * factor.get(scores[i][0], 0.0) / top if i in scores else 0.0 for i in item_ids}
 
     # -- catalog -------------------------------------------------------------------------------
 

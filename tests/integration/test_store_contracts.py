@@ -251,6 +251,14 @@ def test_popularity_decays_with_event_time_and_survives_rescaling(url):
         assert [i for i, _ in top] == ["later", "new", "old"]
         assert top[0][1] == pytest.approx(2 * top[1][1], rel=1e-6)
         assert [i for i, _ in await store.popular("tv", 1)] == ["new"]
+        # each item's popularity relative to the top, in the list popular() reads: the scene's
+        # own once it holds ``enough`` items, else all clicks; 0 for an item never clicked
+        rel = await store.popularity(["new", "old", "later", "never"], None, 1)
+        assert rel == pytest.approx({"later": 1.0, "new": 0.5, "old": top[2][1] / top[0][1], "never": 0.0}, rel=1e-6)
+        assert await store.popularity(["new", "later"], "tv", 1) == pytest.approx({"new": 1.0, "later": 0.0})
+        assert await store.popularity(["new", "later"], "tv", 2) == pytest.approx({"new": 0.5, "later": 1.0})
+        assert [i for i, _ in await store.popular("tv", 2, enough=1)] == ["new"]
+        assert [i for i, _ in await store.popular("tv", 1, enough=2)] == ["later"]
         await store.remove_items(["later"])
         assert "later" not in [i for i, _ in await store.popular(None, 5)]
     run(url, go)

@@ -278,6 +278,43 @@ def test_a_list_never_sees_events_after_its_own(monkeypatch, exclude_in_index, p
     assert got["together"] == got["alone"]
 
 
+def test_a_lists_popular_candidates_and_popularity_do_not_depend_on_who_shares_its_batch(monkeypatch):
+    """A list looks down the popularity order as far as its own seen items need, and reads the
+    popularity of each of its candidates: a user with a long history in the same batch changes
+    neither (the pool was once read as deep as the batch's longest history needed)."""
+    import streams.pipeline
+
+    monkeypatch.setattr(streams.pipeline, "POPULAR_READ", 8)  # the first read falls short for the long history
+    seen_by_rank: list[tuple[str, dict[str, float]]] = []
+    real_rank = streams.pipeline.rank
+
+    def spy(profile, candidates, *args, signals=None, **kw):
+        candidates = list(candidates)
+        seen_by_rank.append((profile.user_id, {c.item_id: signals.popularity.get(c.item_id, 0.0) for c in candidates}))
+        return real_rank(profile, candidates, *args, signals=signals, **kw)
+
+    monkeypatch.setattr(streams.pipeline, "rank", spy)
+    items = [it["item_id"] for it in CATALOG]
+    # everyone clicks: item n is clicked by n % 7 + 1 users, so popularity reaches far down the catalog
+    warm = [click(f"w{n}-{m}", f"crowd{m}", item) for n, item in enumerate(items) for m in range(n % 7 + 1)]
+    heavy = [click(f"h{n}", "heavy", item) for n, item in enumerate(items[:40])]
+    got = {}
+    for name, batch in (("alone", [click("u1", "u", items[3])]),
+                        ("beside a long history", [click("h-last", "heavy", items[41]), click("u1", "u", items[3])])):
+        p = make_pipeline()
+        run_catalog(p, msgs(CATALOG, "catalog"))
+        run_events(p, msgs(warm))
+        run_events(p, msgs(heavy))
+        run_events(p, msgs([click("u0", "u", items[2])]))
+        seen_by_rank.clear()
+        out = [r for r in recs(run_events(p, msgs(batch))) if r["user_id"] == "u"]
+        assert len(out) == 1
+        got[name] = ([(i["item_id"], i["score"], i["reason"]) for i in out[0]["items"]],
+                     [feats for user, feats in seen_by_rank if user == "u"])
+        assert any(v > 0 for feats in got[name][1] for v in feats.values())
+    assert got["beside a long history"] == got["alone"]
+
+
 def test_seen_items_excluded_in_the_index_or_over_fetched_give_the_same_lists(monkeypatch):
     import streams.pipeline
 
