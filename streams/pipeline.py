@@ -76,9 +76,9 @@ def search_limit(k: int, oversample: int, excluded: int = 0) -> tuple[int, int]:
 
 @dataclass
 class _Popular:
-    """The most popular items read so far for one scene: ``items`` with vectors (unknown and
-    unavailable ones left out) and the popularity rank of each; ``read`` rows were read and
-    ``exhausted`` says whether the store had no more."""
+    """The first items of an order read so far (the most popular of one scene, or the newest):
+    ``items`` with vectors (unknown and unavailable ones left out) and the rank of each; ``read``
+    rows were read and ``exhausted`` says whether the store had no more."""
 
     items: list[Candidate]
     ranks: list[int]
@@ -89,8 +89,8 @@ class _Popular:
         return self.exhausted or self.read >= bound
 
     def unseen(self, seen: Any, exclude: Collection[str], bound: int) -> Iterator[Candidate]:
-        """The items among the first ``bound`` of the popularity order that are neither seen nor
-        excluded, in that order."""
+        """The items among the first ``bound`` of the order that are neither seen nor excluded, in
+        that order."""
         for c, r in zip(self.items, self.ranks):
             if r >= bound:
                 return
@@ -918,13 +918,13 @@ class Pipeline:
                                          a.k * p.oversample)
                 results[i] = results.get(i, []) + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
                                                    for c in extra]
-        newest: Optional[list[Candidate]] = None  # read only when a list needs filling
+        newest: Optional[_Popular] = None  # read only when a list needs filling
         produced: list[tuple[str, bytes]] = []
         if signals:  # how thin each candidate's behaviour is, and how popular
             by_scene: dict[Optional[str], set[str]] = {}
             for i in signals:
                 by_scene.setdefault(answers[i].scene, set()).update(c.item_id for c in results.get(i, ()))
-            want_pop = [scene for scene in by_scene if "popularity" not in off]
+            want_pop = list(by_scene) if "popularity" not in off else []
             clicks, *popularity = await together(
                 self.profiles.item_clicks(sorted(set().union(*by_scene.values())), max(a.event_time for a in answers))
                 if "text" not in off else _none(),
@@ -947,11 +947,10 @@ class Pipeline:
                 bound = popular_bound(a, p.oversample)
                 if not pools[a.scene].covers(bound):
                     pools[a.scene] = await self._popular_pool(a.scene, bound)
-                if newest is None or len(newest) < bound:
-                    newest = await self._pool(await self.profiles.newest(bound))
+                if newest is None or not newest.covers(bound):
+                    newest = await self._ordered(await self.profiles.newest(bound), bound)
                 taken = {r.item_id for r in ranked}
-                unseen = [list(pools[a.scene].unseen(a.profile.seen, (), bound)),
-                          [c for c in newest[:bound] if c.no not in a.profile.seen]]
+                unseen = [list(pool.unseen(a.profile.seen, (), bound)) for pool in (pools[a.scene], newest)]
                 fill = cold_start(unseen[0], unseen[1], a.k - len(ranked), exclude=a.exclude | taken,
                                   only_categories=a.only_categories)
                 ranked = list(ranked) + fill[: a.k - len(ranked)]
@@ -1095,7 +1094,10 @@ class Pipeline:
 
     async def _popular_pool(self, scene: Optional[str], n: int) -> _Popular:
         """The ``n`` most popular items (with vectors, similarity = popularity)."""
-        rows = await self.profiles.popular(scene, n, enough=POPULAR_READ)
+        return await self._ordered(await self.profiles.popular(scene, n, enough=POPULAR_READ), n)
+
+    async def _ordered(self, rows: list[tuple[str, float]], n: int) -> _Popular:
+        """``rows``, the first of an order asked ``n`` deep, as candidates with their ranks."""
         rank = {i: r for r, (i, _) in enumerate(rows)}
         items = await self._pool(rows)
         return _Popular(items, [rank[c.item_id] for c in items], len(rows), len(rows) < n)
