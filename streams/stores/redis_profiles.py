@@ -199,6 +199,23 @@ end
 return out
 """
 
+# One shard's popularity reference and, per popularity list, its size, its top score and the scores
+# of some of its items. KEYS: meta, then the lists. ARGV: the item ids as one JSON array.
+_POPULARITY = """
+local names = cjson.decode(ARGV[1])
+local out = {redis.call('HGET', KEYS[1], 'ref') or false}
+for k = 2, #KEYS do
+  local top = redis.call('ZREVRANGE', KEYS[k], 0, 0, 'WITHSCORES')
+  local scores = {}
+  for i = 1, #names, 4000 do
+    local got = redis.call('ZMSCORE', KEYS[k], unpack(names, i, math.min(i + 3999, #names)))
+    for j = 1, #got do scores[#scores + 1] = got[j] end
+  end
+  out[#out + 1] = {redis.call('ZCARD', KEYS[k]), top[2] or false, scores}
+end
+return out
+"""
+
 # KEYS: catalog meta. ARGV: (partition, offset) pairs; a position never moves back.
 _PROGRESS = """
 for i = 1, #ARGV, 2 do
@@ -284,6 +301,7 @@ class RedisProfileStore(ProfileStore):
         self._remove = self.redis.register_script(_REMOVE)
         self._rows = self.redis.register_script(_ROWS)
         self._counts = self.redis.register_script(_COUNTS)
+        self._popularity = self.redis.register_script(_POPULARITY)
         self._replica_plan: list[tuple[Any, int]] = []
         self._replicas_at = -1e9
 
@@ -316,7 +334,7 @@ class RedisProfileStore(ProfileStore):
 
     async def _load_scripts(self) -> None:
         for script in (self._commit, self._apply, self._learn, self._rescale, self._number, self._progress,
-                       self._remove, self._rows, self._counts):
+                       self._remove, self._rows, self._counts, self._popularity):
             await self.redis.script_load(script.script)
 
     # -- keys ----------------------------------------------------------------------------------
@@ -687,46 +705,29 @@ class RedisProfileStore(ProfileStore):
 
     async def popularity(self, item_ids: Sequence[str], scene: Optional[str], enough: int) -> dict[str, float]:
         S = self.o.shards
-        by_shard: dict[int, list[str]] = {}
+        by_shard: dict[int, list[str]] = {k: [] for k in range(S)}
         for i in dict.fromkeys(item_ids):
-            by_shard.setdefault(self._shard(i), []).append(i)
+            by_shard[self._shard(i)].append(i)
         names = ["pop", "pop:" + scene] if scene else ["pop"]
-
-        def build(pipe) -> None:  # per shard: its decay reference, then per list its size, top and items
-            for k in range(S):
-                pipe.hget(self.shard_key(k, "m"), "ref")
-                for name in names:
-                    key = self.shard_key(k, name)
-                    pipe.zcard(key)
-                    _zrevrange(pipe, key, 0, 0)
-                    if k in by_shard:
-                        pipe.execute_command("ZMSCORE", key, *by_shard[k])
-
-        got = iter(await self._pipeline(build))
-        refs: dict[int, float] = {}
-        lists: dict[str, dict] = {name: {"size": 0, "top": [], "scores": {}} for name in names}
-        for k in range(S):
-            ref = next(got)
-            for name in names:
-                at = lists[name]
-                at["size"] += int(next(got))
-                at["top"] += [(k, sc) for _, sc in _scored(next(got))]
-                if k in by_shard:
-                    at["scores"].update({i: (k, float(v)) for i, v in zip(by_shard[k], next(got), strict=True)
-                                         if v is not None})
-            if ref is not None:
-                refs[k] = float(ref)
-        name = names[1] if scene and lists[names[1]]["size"] >= enough else "pop"
+        got = await self._pipeline(lambda pipe: [  # one script call per shard
+            self._script(pipe, self._popularity, [self.shard_key(k, "m"), *(self.shard_key(k, n) for n in names)],
+                         [json.dumps(by_shard[k], separators=(",", ":"), ensure_ascii=False)]) for k in range(S)])
+        refs = {k: float(r[0]) for k, r in enumerate(got) if r[0] is not None}
         if not refs:
             return {i: 0.0 for i in item_ids}
+        use = 1 if scene and sum(int(r[2][0]) for r in got) >= enough else 0
         base = max(refs.values())
         factor = {k: math.pow(2.0, (r - base) / self.o.popularity_halflife_s) for k, r in refs.items()}
-        at = lists[name]
-        top = max((sc * factor.get(k, 0.0) for k, sc in at["top"]), default=0.0)
+        top, scores = 0.0, {}
+        for k, r in enumerate(got):
+            _, best, vals = r[1 + use]
+            f = factor.get(k, 0.0)
+            if best is not None:
+                top = max(top, float(best) * f)
+            scores.update((i, float(v) * f) for i, v in zip(by_shard[k], vals, strict=True) if v is not None)
         if top <= 0:
             return {i: 0.0 for i in item_ids}
-        scores = at["scores"]
-        return {i: scores[i][1] * factor.get(scores[i][0], 0.0) / top if i in scores else 0.0 for i in item_ids}
+        return {i: scores.get(i, 0.0) / top for i in item_ids}
 
     # -- catalog -------------------------------------------------------------------------------
 
