@@ -3,12 +3,13 @@ diversity, and a reason."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from models.learning import F, Impression, default_weights, rank_feature, signal_mask, squash
+from models.learning import F, Impression, default_weights, signal_mask, squash
 from models.params import ModelParams
 from models.profile import Profile, interest_distribution
 
@@ -63,30 +64,81 @@ def _values(scores: Mapping[str, float], ids: Sequence[str]) -> np.ndarray:
     return many(ids) if many is not None else np.array([scores.get(i, 0.0) for i in ids], dtype=np.float64)
 
 
-def features(profile: Profile, pool: Sequence[Candidate], scene: Optional[str], categories: int,
-             params: ModelParams, signals: Signals) -> np.ndarray:
-    """The feature matrix (len(pool), F) of ``models.learning.FEATURES``, each in [-1, 1]."""
-    dist = interest_distribution(profile, max(categories, 1), params)
+@dataclass
+class Job:
+    """One list to rank: its user's profile, the candidates, and what the list is limited to."""
+
+    profile: Profile
+    candidates: Iterable[Candidate]
+    k: int
+    scene: Optional[str] = None
+    exclude: frozenset[str] | set[str] = frozenset()
+    only_categories: Sequence[str] = ()
+    signals: Signals = field(default_factory=Signals)
+
+
+def segment_ranks(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """:func:`models.learning.rank_feature` within each segment (``seg``: each value's segment,
+    ascending) at once: 1 / (1 + how many greater values its segment holds); 0 where value <= 0."""
+    out = np.zeros(len(values))
+    pos = np.flatnonzero(values > 0)
+    if not len(pos):
+        return out
+    v, s = values[pos], seg[pos]
+    order = np.lexsort((-v, s))
+    sv, ss = v[order], s[order]
+    n = len(order)
+    at = np.arange(n)
+    run = np.ones(n, dtype=bool)  # a new run of equal values (in a segment) starts here
+    run[1:] = (ss[1:] != ss[:-1]) | (sv[1:] != sv[:-1])
+    first = np.maximum.accumulate(np.where(run, at, 0))  # where each value's run starts
+    seg_start = np.ones(n, dtype=bool)
+    seg_start[1:] = ss[1:] != ss[:-1]
+    base = np.maximum.accumulate(np.where(seg_start, at, 0))
+    ranked = np.empty(n)
+    ranked[order] = 1.0 / (1.0 + (first - base))
+    out[pos] = ranked
+    return out
+
+
+def features(jobs: Sequence[Job], pools: Sequence[Sequence[Candidate]], dists: Sequence[dict[str, float]],
+             categories: int) -> np.ndarray:
+    """The feature matrix of every pool, one after another, (total candidates, F) of
+    ``models.learning.FEATURES``, each in [-1, 1]; rank features are taken within each pool."""
     uniform = 1.0 / max(categories, 1)
-    n = len(pool)
+    n = sum(len(pool) for pool in pools)
     X = np.zeros((n, F))
     if not n:
         return X
-    ids = [c.item_id for c in pool]
-    text = np.array([c.similarity for c in pool])
-    co, tr = _values(signals.cooccur, ids), _values(signals.transitions, ids)
-    pop = np.array([signals.popularity.get(i, 0.0) for i in ids])
+    seg = np.repeat(np.arange(len(pools)), [len(pool) for pool in pools])
+    text = np.array([c.similarity for pool in pools for c in pool], dtype=np.float64)
+    co, tr, pop, clicks, interest, scene = [], [], [], [], [], []
+    for job, pool, dist in zip(jobs, pools, dists):
+        if not pool:
+            continue
+        sig = job.signals
+        ids = [c.item_id for c in pool]
+        co.append(_values(sig.cooccur, ids))
+        tr.append(_values(sig.transitions, ids))
+        popularity, item_clicks = sig.popularity, sig.item_clicks
+        pop.extend([popularity.get(i, 0.0) for i in ids])
+        clicks.extend([item_clicks.get(i, 0.0) for i in ids])
+        other = dist["*"]
+        interest.extend([(dist.get(c.category, other) if c.category else uniform) - uniform for c in pool])
+        s = job.scene
+        scene.extend([1.0 if s and c.scenes and s in c.scenes else 0.0 for c in pool])
+    co_a, tr_a, pop_a = np.concatenate(co), np.concatenate(tr), np.array(pop, dtype=np.float64)
     X[:, 0] = np.clip(text, -1.0, 1.0)
-    X[:, 1] = squash(co)
-    X[:, 2] = squash(tr)
-    X[:, 3] = np.clip(pop, 0.0, 1.0)
-    X[:, 4] = [(dist.get(c.category, dist["*"]) if c.category else uniform) - uniform for c in pool]
-    X[:, 5] = [1.0 if scene and c.scenes and scene in c.scenes else 0.0 for c in pool]
-    X[:, 6] = rank_feature(text + 2.0)  # every candidate has a text rank
-    X[:, 7] = rank_feature(co)
-    X[:, 8] = rank_feature(tr)
-    X[:, 9] = rank_feature(pop)
-    X[:, 10] = X[:, 0] / (1.0 + np.array([signals.item_clicks.get(i, 0.0) for i in ids]))
+    X[:, 1] = squash(co_a)
+    X[:, 2] = squash(tr_a)
+    X[:, 3] = np.clip(pop_a, 0.0, 1.0)
+    X[:, 4] = interest
+    X[:, 5] = scene
+    X[:, 6] = segment_ranks(text + 2.0, seg)  # every candidate has a text rank
+    X[:, 7] = segment_ranks(co_a, seg)
+    X[:, 8] = segment_ranks(tr_a, seg)
+    X[:, 9] = segment_ranks(pop_a, seg)
+    X[:, 10] = X[:, 0] / (1.0 + np.array(clicks, dtype=np.float64))
     return X
 
 
@@ -94,60 +146,91 @@ def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optio
          params: ModelParams, exclude: frozenset[str] | set[str] = frozenset(),
          only_categories: Sequence[str] = (), signals: Optional[Signals] = None,
          weights: Optional[np.ndarray] = None) -> RankedList:
-    """Order ``candidates`` for ``profile`` and keep ``k``.
+    """Order ``candidates`` for ``profile`` and keep ``k``: :func:`rank_many` of one list."""
+    job = Job(profile, candidates, k, scene, exclude, only_categories, signals or Signals())
+    return rank_many([job], categories, params, weights)[0]
+
+
+def rank_many(jobs: Sequence[Job], categories: int, params: ModelParams,
+              weights: Optional[np.ndarray] = None) -> list[RankedList]:
+    """Order each job's candidates for its profile and keep its ``k``, every list's features and
+    scores computed at once.
 
     score = weights . features (``models.learning``: cosine to the user, co-clicks and steps from
     the user's recent clicks, popularity, interest in the item's category, the scene, and each
-    signal's rank among the candidates); ``weights`` default to ``params``' defaults. A greedy
-    diversity step then subtracts ``diversity`` per item of the same category already chosen.
-    Seen and excluded items never come back. The reason of each item comes from the signal that
-    adds most to its score.
+    signal's rank among the list's candidates); ``weights`` default to ``params``' defaults. A
+    greedy diversity step then subtracts ``diversity`` per item of the same category already
+    chosen. Seen and excluded items never come back. The reason of each item comes from the
+    signal that adds most to its score.
     """
-    signals = signals or Signals()
     w = default_weights(params) * signal_mask(params) if weights is None else weights
-    dist = interest_distribution(profile, max(categories, 1), params)
-    pool: list[Candidate] = []
-    seen_ids: set[str] = set()
-    for c in candidates:
-        if c.no in profile.seen or c.item_id in exclude or c.item_id in seen_ids:
-            continue
-        if only_categories and c.category not in only_categories:
-            continue
-        seen_ids.add(c.item_id)
-        pool.append(c)
-    X = features(profile, pool, scene, categories, params, signals)
-    scores = (X @ w).tolist() if len(pool) else []
-    order = sorted(range(len(pool)), key=lambda i: (-scores[i], pool[i].item_id))
-    out = RankedList()
-    top = order[: params.impression_size]
-    out.impression = Impression.of([pool[i].no for i in top], X[top]) if top else Impression()
-    remaining = [(scores[i], i) for i in order]
-    per_category: dict[str, int] = {}
-    chosen: list[tuple[int, float]] = []
-    while remaining and len(chosen) < k:
-        best_j, best_s = 0, -np.inf
-        for j, (s, i) in enumerate(remaining):
-            adj = s - params.diversity * per_category.get(pool[i].category, 0)
-            if adj > best_s:
-                best_j, best_s = j, adj
-            if s < best_s:  # sorted by s: nothing later can win
-                break
-        _, i = remaining.pop(best_j)
-        per_category[pool[i].category] = per_category.get(pool[i].category, 0) + 1
-        chosen.append((i, best_s))
-    if chosen:
-        for (i, s), groups in zip(chosen, _groups_by_contribution(X[[i for i, _ in chosen]] * w)):
-            c = pool[i]
-            out.append(Ranked(c.item_id, round(s, 6), explain(profile, c, dist, params, signals=signals,
-                                                              groups=groups), c.title, c.category))
-    return out
+    n_cat = max(categories, 1)
+    dists = [interest_distribution(job.profile, n_cat, params) for job in jobs]
+    pools: list[list[Candidate]] = []
+    for job in jobs:
+        pool: list[Candidate] = []
+        seen, exclude, only = job.profile.seen, job.exclude, job.only_categories
+        taken: set[str] = set()
+        for c in job.candidates:
+            if c.no in seen or c.item_id in exclude or c.item_id in taken:
+                continue
+            if only and c.category not in only:
+                continue
+            taken.add(c.item_id)
+            pool.append(c)
+        pools.append(pool)
+    X = features(jobs, pools, dists, categories)
+    scores = X @ w if len(X) else np.zeros(0)
+    ids = np.array([c.item_id for pool in pools for c in pool]) if len(X) else np.zeros(0, dtype=str)
+    seg = np.repeat(np.arange(len(pools)), [len(pool) for pool in pools])
+    order = np.lexsort((ids, -scores, seg))  # each pool's candidates by score, then item id
+    Q = np.clip(np.round(X * 127.0), -127, 127).astype(np.int8)  # as Impression.of quantises
+    score_list = scores.tolist()
+    outs: list[RankedList] = []
+    picks: list[tuple[int, int, float]] = []  # (job, row, adjusted score) of every item chosen
+    start = 0
+    for j, (job, pool) in enumerate(zip(jobs, pools)):
+        out = RankedList()
+        outs.append(out)
+        rows = order[start:start + len(pool)].tolist()
+        top = rows[: params.impression_size]
+        out.impression = Impression([pool[r - start].no for r in top], Q[top]) if top else Impression()
+        remaining = [(score_list[r], r) for r in rows]
+        per_category: dict[str, int] = {}
+        chosen = 0
+        while remaining and chosen < job.k:
+            best_j, best_s = 0, -np.inf
+            for i, (s, r) in enumerate(remaining):
+                adj = s - params.diversity * per_category.get(pool[r - start].category, 0)
+                if adj > best_s:
+                    best_j, best_s = i, adj
+                if s < best_s:  # sorted by s: nothing later can win
+                    break
+            _, r = remaining.pop(best_j)
+            cat = pool[r - start].category
+            per_category[cat] = per_category.get(cat, 0) + 1
+            picks.append((j, r, best_s))
+            chosen += 1
+        start += len(pool)
+    if picks:
+        offsets = np.cumsum([0] + [len(pool) for pool in pools]).tolist()
+        groups = _groups_by_contribution(X[[r for _, r, _ in picks]] * w)
+        for (j, r, s), g in zip(picks, groups):
+            job, c = jobs[j], pools[j][r - offsets[j]]
+            outs[j].append(Ranked(c.item_id, round(s, 6), explain(job.profile, c, dists[j], params,
+                                                                  signals=job.signals, groups=g),
+                                  c.title, c.category))
+    return outs
 
 
 _GROUPS = {"text": (0, 6, 10), "cooccur": (1, 7), "transitions": (2, 8), "popularity": (3, 9), "interest": (4, 5)}
 _GROUP_NAMES = list(_GROUPS)
+_PLACES = len(_GROUPS) ** np.arange(len(_GROUPS))
+_ORDERS = {int(np.dot(order, _PLACES)): tuple(_GROUP_NAMES[g] for g in order)
+           for order in itertools.permutations(range(len(_GROUPS)))}
 
 
-def _groups_by_contribution(contributions: np.ndarray) -> list[list[str]]:
+def _groups_by_contribution(contributions: np.ndarray) -> list[tuple[str, ...]]:
     """For each row of ``contributions`` (weight times feature), the signal groups by what they add,
     most first (ties in ``_GROUPS`` order): each group's sum is added left to right, as ``sum`` would."""
     sums = np.empty((len(contributions), len(_GROUPS)))
@@ -156,7 +239,9 @@ def _groups_by_contribution(contributions: np.ndarray) -> list[list[str]]:
         for j in cols[1:]:
             acc = acc + contributions[:, j]
         sums[:, g] = acc
-    return [[_GROUP_NAMES[g] for g in row] for row in np.argsort(-sums, axis=1, kind="stable").tolist()]
+    order = np.argsort(-sums, axis=1, kind="stable")
+    keys = order @ _PLACES  # each order as one number, its names looked up once
+    return [_ORDERS[key] for key in keys.tolist()]
 
 
 def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: ModelParams,
@@ -177,7 +262,7 @@ def explain(profile: Profile, item: Candidate, dist: dict[str, float], params: M
             return f"matches your interest in {item.category} ({dist.get(item.category, 0.0):.0%})"
         if group == "text" and item.vector is not None and profile.explainers:
             sims = [float(np.dot(e.vector, item.vector)) for e in profile.explainers]
-            best = int(np.argmax(sims))
+            best = max(range(len(sims)), key=sims.__getitem__)  # the first of the best, as argmax
             if sims[best] >= params.reason_min_similarity:
                 e = profile.explainers[best]
                 if e.kind == "query":

@@ -37,7 +37,7 @@ from models.params import ModelParams
 from models.profile import (Applied, Explainer, Profile, apply_click, apply_query, click_strength,
                             interest_distribution, query_vector)
 from models.learning import Impression, pairwise_step, weights_from
-from models.ranking import Candidate, Ranked, Signals, cold_start, rank
+from models.ranking import Candidate, Job, Ranked, Signals, cold_start, rank_many
 from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, ItemUpsert, Limits, Query,
                      RecommendationRequest, parse_catalog, parse_event, parse_request)
 from schemas.recommendations import recommendations_json
@@ -241,12 +241,26 @@ class _Plan:
 
 def partner_sums(nos: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct catalog numbers of ``nos`` (ascending) and the sum of ``vals`` over each, added
-    in input order as a loop adds: counted by number where the numbers are dense, else sorted."""
-    if len(nos) and int(nos.max()) < 16 * len(nos):
-        uniq = np.flatnonzero(np.bincount(nos))
-        return uniq, np.bincount(nos, weights=vals)[uniq]
-    uniq, inv = np.unique(nos, return_inverse=True)
-    return uniq, np.bincount(inv, weights=vals, minlength=len(uniq))
+    in input order as a loop adds."""
+    _, uniq, sums = grouped_sums(np.zeros(len(nos), dtype=np.int64), nos, vals)
+    return uniq, sums
+
+
+def grouped_sums(groups: np.ndarray, nos: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`partner_sums` of many groups at once: the distinct (group, number) pairs, ascending,
+    and the sum of ``vals`` over each, added in input order; counted where the pairs are dense,
+    else sorted."""
+    if not len(nos):
+        return groups[:0], nos[:0], np.zeros(0)
+    width = int(nos.max()) + 1
+    keys = groups * width + nos
+    if int(keys.max()) < 16 * len(keys):
+        uniq = np.flatnonzero(np.bincount(keys))
+        sums = np.bincount(keys, weights=vals)[uniq]
+    else:
+        uniq, inv = np.unique(keys, return_inverse=True)
+        sums = np.bincount(inv, weights=vals, minlength=len(uniq))
+    return uniq // width, uniq % width, sums
 
 
 class _Row:
@@ -935,14 +949,16 @@ class Pipeline:
                     sig.item_clicks = clicks
                 if answers[i].scene in pop_of:
                     sig.popularity = pop_of[answers[i].scene]
+        personal = [i for i, a in enumerate(answers) if a.vector is not None]
+        with self.metrics.stage("ranking"):
+            lists = dict(zip(personal, rank_many(
+                [Job(answers[i].profile, results.get(i, []), answers[i].k, answers[i].scene, answers[i].exclude,
+                     answers[i].only_categories, signals[i]) for i in personal], n_categories, p, weights)))
         for i, a in enumerate(answers):
             ranked: list[Ranked] = []
             if a.vector is not None:
-                candidates = results.get(i, [])
-                with self.metrics.stage("ranking"):
-                    ranked = rank(a.profile, candidates, a.k, a.scene, n_categories, p, exclude=a.exclude,
-                                  only_categories=a.only_categories, signals=signals[i], weights=weights)
-                a.impression = ranked.impression
+                ranked = lists[i]
+                a.impression = lists[i].impression
             if len(ranked) < a.k:
                 bound = popular_bound(a, p.oversample)
                 if not pools[a.scene].covers(bound):
@@ -1052,14 +1068,23 @@ class Pipeline:
                 table[x] = _Row(nos_, vals)
         scale: Callable[[int], float] = (lambda pos: 1.0) if co else (lambda pos: 1.0 / (pos + 1))
         ids_by_no: Optional[dict[int, str]] = None
+        lists: list[tuple[int, list[str], list[tuple[int, _Row]]]] = []
         for i, xs in sources.items():
-            a = answers[i]
             parts = [(pos, table[x]) for pos, x in enumerate(xs) if x in table]
-            if not parts:
-                continue
-            nos = np.concatenate([row.nos for _, row in parts])
-            vals = np.concatenate([row.vals * scale(pos) for pos, row in parts])
-            uniq, sums = partner_sums(nos, vals)
+            if parts:
+                lists.append((i, xs, parts))
+        if not lists:
+            return
+        # every list's partner sums at once, then each list's share of them
+        rows = [(g, pos, row) for g, (_, _, parts) in enumerate(lists) for pos, row in parts]
+        group_of, all_nos, all_sums = grouped_sums(
+            np.repeat(np.array([g for g, _, _ in rows], dtype=np.int64), [len(row.nos) for _, _, row in rows]),
+            np.concatenate([row.nos for _, _, row in rows]),
+            np.concatenate([row.vals * scale(pos) if not co else row.vals for _, pos, row in rows]))
+        bounds = np.searchsorted(group_of, np.arange(len(lists) + 1)).tolist()
+        for g, (i, xs, parts) in enumerate(lists):
+            a = answers[i]
+            uniq, sums = all_nos[bounds[g]:bounds[g + 1]], all_sums[bounds[g]:bounds[g + 1]]
             nos_list = uniq.tolist()
             summed = _Summed(uniq, nos_list, sums, parts, scale, xs, known)
             if co:

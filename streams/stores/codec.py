@@ -22,7 +22,7 @@ same without the impression) is read as having none.
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -120,13 +120,29 @@ def canonical(p: Profile) -> None:
     """Round ``p`` (in place) to what its record holds: int8 vectors, float32 numbers. Applied
     after every event, the state right after an event is the same whether or not it was stored
     and read back in between, so lists do not depend on how events are batched."""
-    p.long, p.short, p.intent = _round(p.long), _round(p.short), _round(p.intent)
-    p.scenes = {k: _round(v) for k, v in p.scenes.items()}
+    scenes = list(p.scenes)
+    explainers = [e for e in p.explainers if e.kind != "click" and e.vector is not None]
+    vectors = [p.long, p.short, p.intent, *(p.scenes[k] for k in scenes), *(e.vector for e in explainers)]
+    rounded = _round_rows([v for v in vectors if v is not None])
+    out = [None if v is None else next(rounded) for v in vectors]
+    p.long, p.short, p.intent = out[:3]
+    p.scenes = dict(zip(scenes, out[3:3 + len(scenes)]))
+    for e, v in zip(explainers, out[3 + len(scenes):]):
+        e.vector = v
     p.intent_strength = float(np.float32(p.intent_strength))
     p.interest = {k: float(np.float32(v)) for k, v in p.interest.items()}
-    for e in p.explainers:
-        if e.kind != "click" and e.vector is not None:
-            e.vector = _round(e.vector)
+
+
+def _round_rows(vectors: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """:func:`_round` of each of ``vectors`` (of one length), as one array operation."""
+    if len({len(v) for v in vectors}) > 1:
+        return iter([_round(v) for v in vectors])
+    if not vectors:
+        return iter(())
+    m = np.asarray(np.stack(vectors), dtype=np.float32)
+    top = np.abs(m).max(axis=1).astype(np.float64) if m.shape[1] else np.zeros(len(m))
+    scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)[:, None]
+    return iter(np.round(m / scale).astype(np.int8).astype(np.float32) * scale)
 
 
 def encode_seen(seen: set[int]) -> bytes:

@@ -444,6 +444,62 @@ def test_rank_diversity_lets_a_new_category_overtake_a_third_of_the_same():
     assert [r.score for r in out] == pytest.approx([0.90, 0.87, 0.865, 0.88 - 2 * P.diversity])
 
 
+def test_a_batch_ranks_each_list_exactly_as_alone():
+    """rank_many computes every list's features and scores at once: each list (items, scores,
+    reasons, and the impression it remembers) is what ranking it alone gives, whatever shares
+    the batch; rank features are taken within each list, ties included."""
+    from models.ranking import Job, Signals, rank_many
+
+    rng = np.random.default_rng(11)
+    cats = ["rock", "jazz", "pop", ""]
+    jobs = []
+    for u in range(12):
+        p = Profile(f"u{u}", interest={"rock": float(u % 3), "jazz": 1.0})
+        click(p, f"seen-{u}", e(u % DIM), title=f"Seen {u}", category=cats[u % 4])
+        if u % 2:
+            query(p, f"search {u}", e((u + 1) % DIM))
+        n = int(rng.integers(0, 25))
+        ids = [f"c{int(x):02d}" for x in rng.integers(0, 40, size=n)]  # repeats: dropped as duplicates
+        sims = rng.choice([0.3, 0.5, 0.5, 0.7, 0.9], size=n)  # ties in the text rank
+        cands = [cand(y, float(v), cats[int(y[1:]) % 4], unit(*rng.uniform(0.1, 1, size=DIM)),
+                      scenes=("home",) if int(y[1:]) % 3 == 0 else ()) for y, v in zip(ids, sims)]
+        counts = {y: float(rng.choice([0.0, 1.0, 1.0, 3.0])) for y in ids}  # ties and zeros
+        sig = Signals(cooccur=counts, cooccur_from={y: "Seen" for y in counts},
+                      transitions={y: v / 2 for y, v in counts.items()}, transitions_from={y: "Seen" for y in counts},
+                      popularity={y: float(rng.choice([0.0, 0.25, 1.0])) for y in ids},
+                      item_clicks={y: float(rng.integers(0, 4)) for y in ids})
+        jobs.append(Job(p, cands, int(rng.integers(0, 12)), "home" if u % 2 else None,
+                        frozenset(ids[:1]) if u % 4 == 0 else frozenset(), ("rock", "jazz") if u % 5 == 0 else (), sig))
+    weights = rng.normal(size=11)
+    together = rank_many(jobs, 4, P, weights)
+    for job, got in zip(jobs, together):
+        alone = rank_many([job], 4, P, weights)[0]
+        assert [(r.item_id, r.score, r.reason) for r in got] == [(r.item_id, r.score, r.reason) for r in alone]
+        assert got.impression.numbers == alone.impression.numbers
+        assert np.array_equal(got.impression.features, alone.impression.features)
+    assert sum(len(r) for r in together) > 40
+
+
+def test_segment_ranks_are_each_segments_own_rank_feature():
+    from models.learning import rank_feature
+    from models.ranking import segment_ranks
+
+    rng = np.random.default_rng(3)
+    sizes = [0, 1, 7, 30, 4, 0, 12]
+    values = [rng.choice([-1.0, 0.0, 0.5, 0.5, 2.0, 3.0], size=n) for n in sizes]
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    got = segment_ranks(np.concatenate(values), seg)
+    assert got.tolist() == np.concatenate([rank_feature(v) for v in values]).tolist()
+
+
+def test_profile_vectors_rounded_together_as_one_by_one():
+    rng = np.random.default_rng(5)
+    vectors = [rng.normal(size=16).astype(np.float32) for _ in range(6)] + [np.zeros(16, dtype=np.float32),
+                                                                          rng.normal(size=16)]  # zero, float64
+    together = list(codec._round_rows(vectors))
+    assert all(np.array_equal(a, codec._round(v)) and a.dtype == np.float32 for a, v in zip(together, vectors))
+
+
 def test_rank_gives_every_item_a_non_empty_reason():
     p = Profile("u1")
     click(p, "a", e(0), title="Blue Train", category="jazz")

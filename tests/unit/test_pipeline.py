@@ -254,14 +254,15 @@ def test_a_list_never_sees_events_after_its_own(monkeypatch, exclude_in_index, p
     monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", exclude_in_index)
     monkeypatch.setattr(streams.pipeline, "PROBE", probe)
     ranked_from: list[list[str]] = []  # candidates of each list, in the order lists are made
-    real_rank = streams.pipeline.rank
+    real_rank = streams.pipeline.rank_many
 
-    def spy(profile, candidates, *args, **kw):
-        candidates = list(candidates)
-        ranked_from.append(sorted(c.item_id for c in candidates))
-        return real_rank(profile, candidates, *args, **kw)
+    def spy(jobs, *args, **kw):
+        for job in jobs:
+            job.candidates = list(job.candidates)
+            ranked_from.append(sorted(c.item_id for c in job.candidates))
+        return real_rank(jobs, *args, **kw)
 
-    monkeypatch.setattr(streams.pipeline, "rank", spy)
+    monkeypatch.setattr(streams.pipeline, "rank_many", spy)
     jazz = items_of("jazz")
     first = click("e1", "u", jazz[0])
     later = [click(f"o{n}", f"other{n}", jazz[2 + n % 5]) for n in range(1, 15)]  # others make some jazz popular
@@ -286,14 +287,16 @@ def test_a_lists_popular_candidates_and_popularity_do_not_depend_on_who_shares_i
 
     monkeypatch.setattr(streams.pipeline, "POPULAR_READ", 8)  # the first read falls short for the long history
     seen_by_rank: list[tuple[str, dict[str, float]]] = []
-    real_rank = streams.pipeline.rank
+    real_rank = streams.pipeline.rank_many
 
-    def spy(profile, candidates, *args, signals=None, **kw):
-        candidates = list(candidates)
-        seen_by_rank.append((profile.user_id, {c.item_id: signals.popularity.get(c.item_id, 0.0) for c in candidates}))
-        return real_rank(profile, candidates, *args, signals=signals, **kw)
+    def spy(jobs, *args, **kw):
+        for job in jobs:
+            job.candidates = list(job.candidates)
+            seen_by_rank.append((job.profile.user_id,
+                                 {c.item_id: job.signals.popularity.get(c.item_id, 0.0) for c in job.candidates}))
+        return real_rank(jobs, *args, **kw)
 
-    monkeypatch.setattr(streams.pipeline, "rank", spy)
+    monkeypatch.setattr(streams.pipeline, "rank_many", spy)
     items = [it["item_id"] for it in CATALOG]
     # everyone clicks: item n is clicked by n % 7 + 1 users, so popularity reaches far down the catalog
     warm = [click(f"w{n}-{m}", f"crowd{m}", item) for n, item in enumerate(items) for m in range(n % 7 + 1)]
@@ -650,6 +653,23 @@ def test_partner_sums_add_in_input_order(top):
     uniq, sums = partner_sums(nos.astype(np.int64), vals)
     assert uniq.tolist() == sorted(want)
     assert sums.tolist() == [want[no] for no in sorted(want)]
+
+
+@pytest.mark.parametrize("top", [50, 10_000_000])
+def test_grouped_sums_are_each_groups_partner_sums(top):
+    """Every list's partner sums at once are what each list's own sums give."""
+    from streams.pipeline import grouped_sums, partner_sums
+
+    rng = np.random.default_rng(top)
+    sizes = [5, 0, 40, 1, 23]
+    nos = [rng.integers(0, top, size=n).astype(np.int64) for n in sizes]
+    vals = [rng.choice([0.1, 0.2, 1 / 3, 7.0], size=n) for n in sizes]
+    group, uniq, sums = grouped_sums(np.repeat(np.arange(len(sizes), dtype=np.int64), sizes),
+                                     np.concatenate(nos), np.concatenate(vals))
+    for g in range(len(sizes)):
+        want_nos, want_sums = partner_sums(nos[g], vals[g])
+        assert uniq[group == g].tolist() == want_nos.tolist()
+        assert sums[group == g].tolist() == want_sums.tolist()
 
 
 def test_query_texts_encoded_ahead_are_used_only_for_exactly_their_batch():
