@@ -881,10 +881,8 @@ class Pipeline:
         # partners, popular pools); what each read brings is merged below in a fixed order.
         scenes = list(dict.fromkeys(a.scene for a in answers))
         kinds = [kind for kind in ("cooccur", "transitions") if kind not in off]
-        found, (reading, behaviour_items), *pooled = await together(
-            self._search(answers, plans), self._behaviour_read(answers, kinds),
-            *(self._popular_pool(scene, POPULAR_READ) for scene in scenes))
-        pools: dict[Optional[str], _Popular] = dict(zip(scenes, pooled, strict=True))
+        found, (reading, behaviour_items), pools = await together(
+            self._search(answers, plans), self._behaviour_read(answers, kinds), self._popular_pools(scenes, POPULAR_READ))
         # A list takes the first ``k * oversample`` unseen popular items within its own bound; a
         # scene whose read leaves some list short is read four times as far, up to that bound.
         while True:
@@ -938,12 +936,11 @@ class Pipeline:
             by_scene: dict[Optional[str], set[str]] = {}
             for i in signals:
                 by_scene.setdefault(answers[i].scene, set()).update(c.item_id for c in results.get(i, ()))
-            want_pop = list(by_scene) if "popularity" not in off else []
-            clicks, *popularity = await together(
+            want_pop = {scene: sorted(ids) for scene, ids in by_scene.items()} if "popularity" not in off else {}
+            clicks, pop_of = await together(
                 self.profiles.item_clicks(sorted(set().union(*by_scene.values())), max(a.event_time for a in answers))
                 if "text" not in off else _none(),
-                *(self.profiles.popularity(sorted(by_scene[scene]), scene, POPULAR_READ) for scene in want_pop))
-            pop_of = dict(zip(want_pop, popularity, strict=True))
+                self.profiles.popularity_many(want_pop, POPULAR_READ) if want_pop else _nothing())
             for i, sig in signals.items():
                 if clicks is not None:
                     sig.item_clicks = clicks
@@ -1120,6 +1117,11 @@ class Pipeline:
     async def _popular_pool(self, scene: Optional[str], n: int) -> _Popular:
         """The ``n`` most popular items (with vectors, similarity = popularity)."""
         return await self._ordered(await self.profiles.popular(scene, n, enough=POPULAR_READ), n)
+
+    async def _popular_pools(self, scenes: Sequence[Optional[str]], n: int) -> dict[Optional[str], _Popular]:
+        """:meth:`_popular_pool` of each of ``scenes``, read together."""
+        rows = await self.profiles.popular_many(scenes, n, enough=POPULAR_READ)
+        return {scene: await self._ordered(rows[scene], n) for scene in scenes}
 
     async def _ordered(self, rows: list[tuple[str, float]], n: int) -> _Popular:
         """``rows``, the first of an order asked ``n`` deep, as candidates with their ranks."""

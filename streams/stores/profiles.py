@@ -10,11 +10,12 @@ state and stats by per-source offset watermarks.
 from __future__ import annotations
 
 import abc
+import asyncio
 import functools
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -153,6 +154,19 @@ class ProfileStore(abc.ABC):
     async def popularity(self, item_ids: Sequence[str], scene: Optional[str], enough: int) -> dict[str, float]:
         """Each item's popularity relative to the most popular item's (0 to 1; 0 for an item
         never clicked), in the list :meth:`popular` reads for ``scene`` and ``enough``."""
+
+    async def popular_many(self, scenes: Sequence[Optional[str]], n: int,
+                           enough: Optional[int] = None) -> dict[Optional[str], list[tuple[str, float]]]:
+        """:meth:`popular` of each of ``scenes`` (a store may read them all in one round trip)."""
+        scenes = list(dict.fromkeys(scenes))
+        return dict(zip(scenes, await asyncio.gather(*(self.popular(s, n, enough) for s in scenes)), strict=True))
+
+    async def popularity_many(self, items: Mapping[Optional[str], Sequence[str]],
+                              enough: int) -> dict[Optional[str], dict[str, float]]:
+        """:meth:`popularity` of each scene's ``items`` (a store may read them all in one round trip)."""
+        scenes = list(items)
+        got = await asyncio.gather(*(self.popularity(items[s], s, enough) for s in scenes))
+        return dict(zip(scenes, got, strict=True))
 
     @abc.abstractmethod
     async def add_items(self, items: Sequence[tuple[str, float, str]]) -> None:

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import struct
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
 from models.learning import FEATURES, MODEL_ID
@@ -668,66 +668,96 @@ class RedisProfileStore(ProfileStore):
         return out
 
     async def popular(self, scene: Optional[str], n: int, enough: Optional[int] = None) -> list[tuple[str, float]]:
+        return (await self.popular_many([scene], n, enough))[scene]
+
+    async def popular_many(self, scenes: Sequence[Optional[str]], n: int,
+                           enough: Optional[int] = None) -> dict[Optional[str], list[tuple[str, float]]]:
         S = self.o.shards
+        scenes = list(dict.fromkeys(scenes))
+        named = [s for s in scenes if s]
+        per = 1 + len(named)  # per shard: the reference time, then each named scene's list size
 
         def first(pipe) -> None:
             for k in range(S):
                 pipe.hget(self.shard_key(k, "m"), "ref")
-                if scene:
-                    pipe.zcard(self.shard_key(k, "pop:" + scene))
+                for s in named:
+                    pipe.zcard(self.shard_key(k, "pop:" + s))
 
         rows = await self._pipeline(first)
-        step = 2 if scene else 1
-        refs = {k: float(rows[k * step]) for k in range(S) if rows[k * step] is not None}
+        refs = {k: float(rows[k * per]) for k in range(S) if rows[k * per] is not None}
         if not refs or n <= 0:
-            return []
+            return {s: [] for s in scenes}
         enough = n if enough is None else enough
-        name = "pop:" + scene if scene and sum(int(rows[k * 2 + 1]) for k in range(S)) >= enough else "pop"
+        size = {s: sum(int(rows[k * per + 1 + j]) for k in range(S)) for j, s in enumerate(named)}
+        list_of = {s: "pop:" + s if s and size[s] >= enough else "pop" for s in scenes}
         base = max(refs.values())
         factor = {k: math.pow(2.0, (r - base) / self.o.popularity_halflife_s) for k, r in refs.items()}
-        # Each shard's top entries, merged: a shard is asked for more only while all it gave ranks
-        # above the n-th best so far (one round trip unless popularity is lopsided across shards).
-        got: dict[int, list[tuple[str, float]]] = {k: [] for k in refs}
-        ask = {k: max(16, 2 * n // len(refs) + 8) for k in refs}
-        pending = list(refs)
+        # Each shard's top entries of each list read, merged: a shard is asked for more only while
+        # all it gave ranks above the n-th best so far (one round trip unless popularity is
+        # lopsided across shards).
+        names = list(dict.fromkeys(list_of.values()))
+        got: dict[tuple[str, int], list[tuple[str, float]]] = {(name, k): [] for name in names for k in refs}
+        ask = {key: max(16, 2 * n // len(refs) + 8) for key in got}
+        merged: dict[str, list[tuple[str, float]]] = {}
+        pending = list(got)
         while pending:
             fetched = await self._pipeline(lambda pipe: [
-                _zrevrange(pipe, self.shard_key(k, name), len(got[k]), ask[k] - 1) for k in pending])
-            for k, rs in zip(pending, fetched, strict=True):
+                _zrevrange(pipe, self.shard_key(k, name), len(got[name, k]), ask[name, k] - 1) for name, k in pending])
+            for (name, k), rs in zip(pending, fetched, strict=True):
                 f = factor[k]
-                got[k] += [(i, sc * f) for i, sc in _scored(rs)]
-            merged = sorted((kv for rs in got.values() for kv in rs), key=lambda kv: (-kv[1], kv[0]))
-            cutoff = merged[n - 1][1] if len(merged) >= n else -math.inf
-            pending = [k for k in pending if len(got[k]) == ask[k] and got[k][-1][1] >= cutoff]
-            for k in pending:
-                ask[k] *= 4
-        return merged[:n]
+                got[name, k] += [(i, sc * f) for i, sc in _scored(rs)]
+            cutoff = {}
+            for name in {name for name, _ in pending}:
+                merged[name] = sorted((kv for k in refs for kv in got[name, k]), key=lambda kv: (-kv[1], kv[0]))
+                cutoff[name] = merged[name][n - 1][1] if len(merged[name]) >= n else -math.inf
+            pending = [(name, k) for name, k in pending
+                       if len(got[name, k]) == ask[name, k] and got[name, k][-1][1] >= cutoff[name]]
+            for key in pending:
+                ask[key] *= 4
+        return {s: merged[list_of[s]][:n] for s in scenes}
 
     async def popularity(self, item_ids: Sequence[str], scene: Optional[str], enough: int) -> dict[str, float]:
+        return (await self.popularity_many({scene: item_ids}, enough))[scene]
+
+    async def popularity_many(self, items: Mapping[Optional[str], Sequence[str]],
+                              enough: int) -> dict[Optional[str], dict[str, float]]:
         S = self.o.shards
-        by_shard: dict[int, list[str]] = {k: [] for k in range(S)}
-        for i in dict.fromkeys(item_ids):
-            by_shard[self._shard(i)].append(i)
-        names = ["pop", "pop:" + scene] if scene else ["pop"]
-        got = await self._pipeline(lambda pipe: [  # one script call per shard
-            self._script(pipe, self._popularity, [self.shard_key(k, "m"), *(self.shard_key(k, n) for n in names)],
-                         [json.dumps(by_shard[k], separators=(",", ":"), ensure_ascii=False)]) for k in range(S)])
-        refs = {k: float(r[0]) for k, r in enumerate(got) if r[0] is not None}
-        if not refs:
-            return {i: 0.0 for i in item_ids}
-        use = 1 if scene and sum(int(r[2][0]) for r in got) >= enough else 0
-        base = max(refs.values())
-        factor = {k: math.pow(2.0, (r - base) / self.o.popularity_halflife_s) for k, r in refs.items()}
-        top, scores = 0.0, {}
-        for k, r in enumerate(got):
-            _, best, vals = r[1 + use]
-            f = factor.get(k, 0.0)
-            if best is not None:
-                top = max(top, float(best) * f)
-            scores.update((i, float(v) * f) for i, v in zip(by_shard[k], vals, strict=True) if v is not None)
-        if top <= 0:
-            return {i: 0.0 for i in item_ids}
-        return {i: scores.get(i, 0.0) / top for i in item_ids}
+        scenes = list(items)
+        by_shard: dict[Optional[str], dict[int, list[str]]] = {}
+        for scene in scenes:
+            by_shard[scene] = {k: [] for k in range(S)}
+            for i in dict.fromkeys(items[scene]):
+                by_shard[scene][self._shard(i)].append(i)
+
+        def build(pipe) -> None:  # one script call per shard and scene
+            for scene in scenes:
+                names = ["pop", "pop:" + scene] if scene else ["pop"]
+                for k in range(S):
+                    self._script(pipe, self._popularity,
+                                 [self.shard_key(k, "m"), *(self.shard_key(k, n) for n in names)],
+                                 [json.dumps(by_shard[scene][k], separators=(",", ":"), ensure_ascii=False)])
+
+        replies = await self._pipeline(build) if scenes else []
+        out: dict[Optional[str], dict[str, float]] = {}
+        for j, scene in enumerate(scenes):
+            got = replies[j * S:(j + 1) * S]
+            item_ids = items[scene]
+            refs = {k: float(r[0]) for k, r in enumerate(got) if r[0] is not None}
+            if not refs:
+                out[scene] = {i: 0.0 for i in item_ids}
+                continue
+            use = 1 if scene and sum(int(r[2][0]) for r in got) >= enough else 0
+            base = max(refs.values())
+            factor = {k: math.pow(2.0, (r - base) / self.o.popularity_halflife_s) for k, r in refs.items()}
+            top, scores = 0.0, {}
+            for k, r in enumerate(got):
+                _, best, vals = r[1 + use]
+                f = factor.get(k, 0.0)
+                if best is not None:
+                    top = max(top, float(best) * f)
+                scores.update((i, float(v) * f) for i, v in zip(by_shard[scene][k], vals, strict=True) if v is not None)
+            out[scene] = {i: scores.get(i, 0.0) / top for i in item_ids} if top > 0 else {i: 0.0 for i in item_ids}
+        return out
 
     # -- catalog -------------------------------------------------------------------------------
 

@@ -264,6 +264,31 @@ def test_popularity_decays_with_event_time_and_survives_rescaling(url):
     run(url, go)
 
 
+def test_popular_and_popularity_of_many_scenes_read_together_are_each_scenes_own(url):
+    """popular_many and popularity_many (the worker reads every scene of a batch in one round
+    trip) give each scene exactly what popular and popularity give it alone: the scene's own
+    list where it holds ``enough`` items, else all clicks; lopsided shards read further."""
+    async def go(store):
+        specs = [(n, f"i{n % 23}", [], ["tv", "web", None][n % 3], float(n)) for n in range(60)]
+        specs += [(60 + n, "hot", [], "tv", 30.0) for n in range(12)]  # one item far ahead of the rest
+        await store.apply(clicks(*specs))
+        scenes = ["tv", None, "web", "radio"]  # radio: never clicked in, so all clicks are read
+        for n, enough in ((1, None), (5, None), (5, 30), (40, 3)):
+            many = await store.popular_many(scenes, n, enough)
+            assert list(many) == scenes
+            for scene in scenes:
+                assert many[scene] == await store.popular(scene, n, enough)
+        in_tv = {item for _, item, _, scene, _ in specs if scene == "tv"}
+        assert {i for i, _ in (await store.popular_many(["tv"], 40, 3))["tv"]} == in_tv
+        items = {"tv": ["hot", "i0", "never"], None: ["i1", "hot"], "web": [], "radio": ["i2"]}
+        for enough in (1, 30):
+            many = await store.popularity_many(items, enough)
+            assert many == {scene: await store.popularity(ids, scene, enough) for scene, ids in items.items()}
+        assert (await store.popularity_many(items, 1))["tv"]["hot"] == 1.0
+        assert await store.popularity_many({}, 1) == {}
+    run(url, go)
+
+
 def test_cooccurrence_keeps_the_strongest_partners_so_new_ones_displace_stale_ones(url):
     async def go(store):
         assert await store.cooccurring(["a"], 5) == {"a": []}
