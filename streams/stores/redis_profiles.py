@@ -181,9 +181,19 @@ return out
 """
 
 # Partner rows of one shard's items, each as ZREVRANGE ... WITHSCORES gives it. KEYS: the rows.
+# ARGV: n; above 0, a row's entries down to its n-th score (less 1e-12 of it) only.
 _ROWS = """
+local n = tonumber(ARGV[1])
 local out = {}
-for i = 1, #KEYS do out[i] = redis.call('ZREVRANGE', KEYS[i], 0, -1, 'WITHSCORES') end
+for i = 1, #KEYS do
+  local nth = n > 0 and redis.call('ZREVRANGE', KEYS[i], n - 1, n - 1, 'WITHSCORES') or {}
+  if #nth == 0 then
+    out[i] = redis.call('ZREVRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+  else
+    local s = tonumber(nth[2])
+    out[i] = redis.call('ZREVRANGEBYSCORE', KEYS[i], '+inf', s - math.abs(s) * 1e-12, 'WITHSCORES')
+  end
+end
 return out
 """
 
@@ -614,8 +624,11 @@ class RedisProfileStore(ProfileStore):
         for a in item_ids:
             sources.setdefault(self._shard(a), []).append(a)
         order = list(sources)
+        # Steps are ranked by count over the source's clicks, the same for a whole row: its best
+        # ``n`` are its first ``n`` by count (and any within a rounding error of the n-th), read alone.
+        top = n if kind == "tr:" and n > 0 else 0
         replies = await self._pipeline(lambda pipe: [
-            self._script(pipe, self._rows, [self.shard_key(k, kind + a) for a in sources[k]], []) for k in order])
+            self._script(pipe, self._rows, [self.shard_key(k, kind + a) for a in sources[k]], [top]) for k in order])
         rows = {a: _scored(r) for k, got in zip(order, replies, strict=True) for a, r in zip(sources[k], got, strict=True)}
         names = list({*item_ids, *(b for r in rows.values() for b, _ in r)}) if kind == "co:" else item_ids
         by_shard: dict[int, list[str]] = {k: [] for k in sources}

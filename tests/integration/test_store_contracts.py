@@ -289,6 +289,23 @@ def test_popular_and_popularity_of_many_scenes_read_together_are_each_scenes_own
     run(url, go)
 
 
+def test_the_best_steps_of_a_long_row_are_those_of_the_whole_row(url):
+    """transitions(n) ranks a row's steps by count over the source's clicks, ties by item id: a
+    store may read a row only down to its n-th count, and gives exactly the best n of the whole
+    row, ties at the n-th place included."""
+    async def go(store):
+        # source s, then each of its next items after it: x1 three times, x2..x5 twice, x6 once
+        nexts = ["x1"] * 3 + ["x5", "x4", "x3", "x2"] * 2 + ["x6"]
+        specs = [(n, "s", [], None, 0.0) for n in range(3)]
+        specs += [(n, item, ["s"], None, 0.0) for n, item in enumerate(nexts, 3)]  # equal counts tie exactly
+        await store.apply(clicks(*specs))
+        full = (await store.transitions(["s"], 10))["s"]
+        assert [b for b, _ in full] == ["x1", "x2", "x3", "x4", "x5", "x6"]
+        for n in range(1, 7):
+            assert (await store.transitions(["s"], n))["s"] == full[:n]
+    run(url, go, StoreOptions(shards=4, popularity_halflife_s=1e9, cooccur_halflife_s=1e9, cooccur_keep=10))
+
+
 def test_cooccurrence_keeps_the_strongest_partners_so_new_ones_displace_stale_ones(url):
     async def go(store):
         assert await store.cooccurring(["a"], 5) == {"a": []}
