@@ -1016,7 +1016,7 @@ class Pipeline:
         return out
 
     async def _behaviour_read(self, answers: Sequence[_Answer], kinds: Sequence[str]
-                              ) -> tuple[dict[str, tuple[dict[int, list[str]], dict[str, list[tuple[str, float]]]]],
+                              ) -> tuple[dict[str, tuple[dict[int, list[str]], dict[str, tuple[list[str], np.ndarray]]]],
                                          dict[str, Candidate]]:
         """What :meth:`_behaviour_candidates` needs from the stores, for each of ``kinds``: per
         personalised list its sources (the user's last clicks, newest first) and their partners;
@@ -1031,17 +1031,17 @@ class Pipeline:
                                                    if h["type"] == "click"))[:n_sources]  # newest first
                              for i, a in enumerate(answers) if a.vector is not None}
             all_sources = list(dict.fromkeys(x for xs in sources[kind].values() for x in xs))
-            read = self.profiles.cooccurring if co else self.profiles.transitions
+            read = self.profiles.cooccurring_arrays if co else self.profiles.transitions_arrays
             reads.append(read(all_sources, p.cooccur_fanout if co else p.transition_fanout) if all_sources
                          else _nothing())
         partners = dict(zip(kinds, await together(*reads), strict=True))
         known = await self.fetch_items([*(x for kind in kinds for xs in sources[kind].values() for x in xs),
-                                        *(y for kind in kinds for ys in partners[kind].values() for y, _ in ys)])
+                                        *(y for kind in kinds for ys, _ in partners[kind].values() for y in ys)])
         return {kind: (sources[kind], partners[kind]) for kind in kinds}, known
 
     def _behaviour_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
                               signals: dict[int, Signals], kind: str, sources: dict[int, list[str]],
-                              partners: dict[str, list[tuple[str, float]]], known: dict[str, Candidate]) -> None:
+                              partners: dict[str, tuple[list[str], np.ndarray]], known: dict[str, Candidate]) -> None:
         """For each personalised list: items co-clicked with the user's last ``cooccur_sources``
         clicks (``kind`` "cooccur"), or clicked right after the last ``transition_sources`` ones,
         the nearest weighing most ("transitions"), from :meth:`_behaviour_read`. Each item's
@@ -1052,12 +1052,11 @@ class Pipeline:
         # per source: its partners' catalog numbers and scores, as arrays
         table: dict[str, _Row] = {}
         no_of = {y: c.no for y, c in known.items()}
-        for x, ys in partners.items():
-            if not ys:
+        for x, (ids_, vals_) in partners.items():
+            if not ids_:
                 continue
-            ids_, vals_ = zip(*ys)
             nos_ = np.array([no_of.get(y, -1) for y in ids_], dtype=np.int64)
-            vals = np.array(vals_, dtype=np.float64)
+            vals = np.asarray(vals_, dtype=np.float64)
             if (nos_ < 0).any():  # partners the item cache does not know
                 keep = nos_ >= 0
                 nos_, vals = nos_[keep], vals[keep]

@@ -140,6 +140,15 @@ class ProfileStore(abc.ABC):
         (each step weighted 1 / its gap in the user's clicks, decayed in event time), each with
         that weight over the item's own clicks, best first."""
 
+    async def cooccurring_arrays(self, item_ids: Sequence[str], n: int) -> dict[str, tuple[list[str], np.ndarray]]:
+        """:meth:`cooccurring` as each item's partner ids and their weights, in any order (what the
+        worker sums; a store may skip building and sorting a pair per partner)."""
+        return {a: _columns(row) for a, row in (await self.cooccurring(item_ids, n)).items()}
+
+    async def transitions_arrays(self, item_ids: Sequence[str], n: int) -> dict[str, tuple[list[str], np.ndarray]]:
+        """:meth:`transitions` as each item's next items and their weights, in any order."""
+        return {a: _columns(row) for a, row in (await self.transitions(item_ids, n)).items()}
+
     @abc.abstractmethod
     async def item_clicks(self, item_ids: Sequence[str], at: float) -> dict[str, float]:
         """Clicks on each of ``item_ids`` (each weighing 1 at its own time), decayed in event time
@@ -209,6 +218,10 @@ def shard_of(key: str, shards: int) -> int:
     """The shard of an item (or of a source's stats): stable across processes and versions
     (remembered: the hot path asks it for every co-clicked partner it reads)."""
     return zlib.crc32(key.encode()) % shards
+
+
+def _columns(row: Sequence[tuple[str, float]]) -> tuple[list[str], np.ndarray]:
+    return [b for b, _ in row], np.array([v for _, v in row], dtype=np.float64)
 
 
 def normalised_cooccurrence(rows: dict[str, list[tuple[str, float]]], counts: dict[str, float],

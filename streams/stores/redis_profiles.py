@@ -19,12 +19,15 @@ its users' records and the shards its clicks fall in.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import struct
 from typing import Any, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from models.learning import FEATURES, MODEL_ID
 from models.profile import Profile
@@ -614,10 +617,10 @@ class RedisProfileStore(ProfileStore):
     async def transitions(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
         return await self._partners("tr:", item_ids, n)
 
-    async def _partners(self, kind: str, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
-        item_ids = list(dict.fromkeys(item_ids))
-        if not item_ids:
-            return {}
+    async def _partner_read(self, kind: str, item_ids: list[str], n: int) -> Optional[tuple[
+            dict[str, tuple[list[str], list[float]]], dict[str, float], dict[int, float]]]:
+        """The raw rows of ``item_ids`` (ids and counts), the decayed clicks of every item they
+        name, and each shard's scale to the newest reference; None when no shard has one."""
         # One script call per shard for the rows, then one per shard for the reference and the
         # clicks of every item named (a command per row or per name cost more on the client).
         sources: dict[int, list[str]] = {}
@@ -629,8 +632,9 @@ class RedisProfileStore(ProfileStore):
         top = n if kind == "tr:" and n > 0 else 0
         replies = await self._pipeline(lambda pipe: [
             self._script(pipe, self._rows, [self.shard_key(k, kind + a) for a in sources[k]], [top]) for k in order])
-        rows = {a: _scored(r) for k, got in zip(order, replies, strict=True) for a, r in zip(sources[k], got, strict=True)}
-        names = list({*item_ids, *(b for r in rows.values() for b, _ in r)}) if kind == "co:" else item_ids
+        rows = {a: _members_scores(r) for k, got in zip(order, replies, strict=True) for a, r in zip(sources[k], got, strict=True)}
+        names = list({*item_ids, *itertools.chain.from_iterable(ids for ids, _ in rows.values())}) \
+            if kind == "co:" else item_ids
         by_shard: dict[int, list[str]] = {k: [] for k in sources}
         for x in names:
             by_shard.setdefault(self._shard(x), []).append(x)
@@ -640,7 +644,7 @@ class RedisProfileStore(ProfileStore):
                          [json.dumps(by_shard[k], separators=(",", ":"), ensure_ascii=False)]) for k in shards])
         crefs = {k: float(r[0]) for k, r in zip(shards, got, strict=True) if r[0] is not None}
         if not crefs:
-            return {a: [] for a in item_ids}
+            return None
         base = max(crefs.values())
         scale = {k: math.pow(2.0, (r - base) / self.o.cooccur_halflife_s) for k, r in crefs.items()}
         counts: dict[str, float] = {}
@@ -650,13 +654,54 @@ class RedisProfileStore(ProfileStore):
                 for x, v in zip(by_shard[k], r[1:], strict=True):
                     if v is not None:
                         counts[x] = float(v) * f
-        for a, r in rows.items():
+        return rows, counts, scale
+
+    async def _partners(self, kind: str, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        item_ids = list(dict.fromkeys(item_ids))
+        if not item_ids:
+            return {}
+        read = await self._partner_read(kind, item_ids, n)
+        if read is None:
+            return {a: [] for a in item_ids}
+        cols, counts, scale = read
+        rows = {}
+        for a, (ids, vals) in cols.items():
             f = scale.get(self._shard(a), 0.0)
-            if f != 1.0:
-                rows[a] = [(b, c * f) for b, c in r]
+            rows[a] = list(zip(ids, vals)) if f == 1.0 else [(b, c * f) for b, c in zip(ids, vals)]
         if kind == "tr:":
             return normalised_transitions(rows, counts, n)
         return normalised_cooccurrence(rows, counts, n)
+
+    async def cooccurring_arrays(self, item_ids: Sequence[str], n: int) -> dict[str, tuple[list[str], np.ndarray]]:
+        if n != 0:
+            return await super().cooccurring_arrays(item_ids, n)
+        # Every partner, unsorted: normalised_cooccurrence's weights computed as arrays, all rows at once.
+        item_ids = list(dict.fromkeys(item_ids))
+        read = await self._partner_read("co:", item_ids, 0) if item_ids else None
+        out: dict[str, tuple[list[str], np.ndarray]] = {a: ([], np.zeros(0)) for a in item_ids}
+        if read is None:
+            return out
+        cols, counts, scale = read
+        get = counts.get
+        live = [(a, ids, vals) for a, (ids, vals) in cols.items() if ids and get(a, 0.0) > 0]
+        if not live:
+            return out
+        sizes = [len(ids) for _, ids, _ in live]
+        total = sum(sizes)
+        partners = list(itertools.chain.from_iterable(ids for _, ids, _ in live))
+        c = np.fromiter(itertools.chain.from_iterable(vals for _, _, vals in live), dtype=np.float64, count=total)
+        c = c * np.repeat(np.array([scale.get(self._shard(a), 0.0) for a, _, _ in live]), sizes)  # as c * f
+        ca = np.repeat(np.array([get(a) for a, _, _ in live]), sizes)
+        cb = np.array([get(b, 0.0) for b in partners], dtype=np.float64)
+        keep = cb > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            weight = c / np.sqrt(ca * cb)
+        at = 0
+        for (a, ids, _), size in zip(live, sizes):
+            k = keep[at:at + size]
+            out[a] = (list(itertools.compress(ids, k.tolist())), weight[at:at + size][k])
+            at += size
+        return out
 
     async def item_clicks(self, item_ids: Sequence[str], at: float) -> dict[str, float]:
         by_shard: dict[int, list[str]] = {}
@@ -856,6 +901,15 @@ def _zrevrange(pipe, key: str, start: int, end: int) -> None:
     """Queue ZREVRANGE ... WITHSCORES without redis-py's reply conversion (:func:`_scored` reads it):
     on RESP3 that conversion formats every score to text and parses it back."""
     pipe.execute_command("ZREVRANGE", key, start, end, "WITHSCORES")
+
+
+def _members_scores(reply: Any) -> tuple[list[str], list[float]]:
+    """The members and the scores of a raw ZREVRANGE ... WITHSCORES reply (see :func:`_scored`)."""
+    if not reply:
+        return [], []
+    if isinstance(reply[0], (list, tuple)):
+        return [m.decode() for m, _ in reply], [float(sc) for _, sc in reply]
+    return list(map(bytes.decode, reply[0::2])), list(map(float, reply[1::2]))
 
 
 def _scored(reply: Any) -> list[tuple[str, float]]:

@@ -306,6 +306,32 @@ def test_the_best_steps_of_a_long_row_are_those_of_the_whole_row(url):
     run(url, go, StoreOptions(shards=4, popularity_halflife_s=1e9, cooccur_halflife_s=1e9, cooccur_keep=10))
 
 
+def test_partner_arrays_hold_exactly_the_partners_and_weights_of_the_rows(url):
+    """cooccurring_arrays and transitions_arrays (what the worker sums) give each item the very
+    partners and weights, to the last bit, that cooccurring and transitions list best first."""
+    import random
+
+    async def go(store):
+        rng = random.Random(4)
+        items = [f"i{n}" for n in range(30)]
+        specs = [(n, rng.choice(items), rng.sample(items, rng.randint(0, 6)), rng.choice([None, "tv"]),
+                  float(rng.randint(0, 7200))) for n in range(300)]
+        await store.apply(clicks(*specs))
+        asked = items + ["never-clicked"]
+        for n in (0, 3):
+            for lists, arrays in ((store.cooccurring, store.cooccurring_arrays),
+                                  (store.transitions, store.transitions_arrays)):
+                want, got = await lists(asked, n), await arrays(asked, n)
+                assert set(got) == set(want) == set(asked)
+                for a in asked:
+                    ids, weights = got[a]
+                    assert len(ids) == len(weights) and weights.dtype == np.float64
+                    assert dict(zip(ids, weights.tolist())) == dict(want[a])
+        every = await store.cooccurring_arrays(asked, 0)
+        assert sum(len(every[a][0]) for a in asked) > 100
+    run(url, go, StoreOptions(shards=4, popularity_halflife_s=3600.0, cooccur_halflife_s=3600.0, cooccur_keep=50))
+
+
 def test_cooccurrence_keeps_the_strongest_partners_so_new_ones_displace_stale_ones(url):
     async def go(store):
         assert await store.cooccurring(["a"], 5) == {"a": []}
