@@ -14,6 +14,7 @@ Redis key prefix and Milvus collection, and its own worker process."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -74,22 +75,37 @@ def server_group(item: pytest.Item) -> Optional[str]:
     (``--dist loadgroup``) start each of them in one process only: Apache Kafka (and the hostile
     messages, drawn once for both brokers), Milvus standalone, the Redis Cluster."""
     names = set(getattr(item, "fixturenames", ()))
-    param = getattr(getattr(item, "callspec", None), "params", {}).get("stack")
-    if param == "apache-kafka" or "apache_kafka" in names or "hostile_examples" in names:
+    # a parameter naming the server counts too: the contract suites' ``url``, ``index`` and
+    # ``milvus`` reach it through getfixturevalue, which the fixture names do not show
+    params = {v for v in getattr(getattr(item, "callspec", None), "params", {}).values() if isinstance(v, str)}
+    if "apache-kafka" in params or "apache_kafka" in names or "hostile_examples" in names:
         return "apache-kafka"
-    if param == STANDALONE or "milvus_standalone" in names:
+    if STANDALONE in params or "milvus_standalone" in names:
         return STANDALONE
-    if "redis_cluster" in names:
+    if "redis-cluster" in params or "redis_cluster" in names:
         return "redis-cluster"
     return None
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
+    """Marks each test's session server group before the other hooks run. In a ``--dist
+    loadgroup`` test process pytest-xdist then names the group in the test's id (what keeps the
+    server in one process); a pytest whose ids it cannot extend would start the server in every
+    process, so that stops the run."""
     for item in items:
         group = server_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    result = yield
+    if getattr(config.option, "loadgroup", False):
+        lost = [item.nodeid for item in items if server_group(item) and "@" not in item.nodeid]
+        if lost:
+            why = (f"pytest-xdist did not group {len(lost)} tests by session server (e.g. {lost[0]}): "
+                   "check the pinned pytest and pytest-xdist")
+            print(why, file=sys.__stderr__, flush=True)  # a test process's error is not shown itself
+            raise pytest.UsageError(why)
+    return result
 
 
 @dataclass
