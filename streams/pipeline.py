@@ -239,17 +239,10 @@ class _Plan:
     need: int
 
 
-def partner_sums(nos: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct catalog numbers of ``nos`` (ascending) and the sum of ``vals`` over each, added
-    in input order as a loop adds."""
-    _, uniq, sums = grouped_sums(np.zeros(len(nos), dtype=np.int64), nos, vals)
-    return uniq, sums
-
-
 def grouped_sums(groups: np.ndarray, nos: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`partner_sums` of many groups at once: the distinct (group, number) pairs, ascending,
-    and the sum of ``vals`` over each, added in input order; counted where the pairs are dense,
-    else sorted."""
+    """Partner sums of many lists at once: the distinct (group, catalog number) pairs, ascending,
+    and the sum of ``vals`` over each, added in input order as a loop adds; counted where the
+    pairs are dense, else sorted."""
     if not len(nos):
         return groups[:0], nos[:0], np.zeros(0)
     width = int(nos.max()) + 1

@@ -638,38 +638,26 @@ def test_behaviour_sums_read_by_id_match_a_plain_loop(co):
     assert "not-an-item" not in sums and sums.get("not-an-item", -1.0) == -1.0
 
 
-@pytest.mark.parametrize("top", [50, 10_000_000])  # numbers counted, and sorted
-def test_partner_sums_add_in_input_order(top):
-    """Each partner's sum is exactly what a loop over the rows in order adds, whichever way the
-    numbers are grouped."""
-    from streams.pipeline import partner_sums
+@pytest.mark.parametrize("top", [50, 10_000_000])  # pairs counted, and sorted
+def test_grouped_sums_add_each_lists_partners_in_input_order(top):
+    """Each (list, partner) sum is exactly what a loop over that list's rows in order adds,
+    whichever way the pairs are grouped, and whatever other lists share the call."""
+    from streams.pipeline import grouped_sums
 
     rng = np.random.default_rng(top)
-    nos = rng.integers(0, top, size=400) if top < 1000 else rng.choice([3, 17, top - 1, 5_000_000], size=400)
-    vals = rng.choice([0.1, 0.2, 0.3, 1 / 3, 1e-9, 7.0], size=400)  # sums that depend on the order of adding
-    want: dict[int, float] = {}
-    for no, v in zip(nos.tolist(), vals.tolist()):
-        want[no] = want.get(no, 0.0) + v
-    uniq, sums = partner_sums(nos.astype(np.int64), vals)
-    assert uniq.tolist() == sorted(want)
-    assert sums.tolist() == [want[no] for no in sorted(want)]
-
-
-@pytest.mark.parametrize("top", [50, 10_000_000])
-def test_grouped_sums_are_each_groups_partner_sums(top):
-    """Every list's partner sums at once are what each list's own sums give."""
-    from streams.pipeline import grouped_sums, partner_sums
-
-    rng = np.random.default_rng(top)
-    sizes = [5, 0, 40, 1, 23]
-    nos = [rng.integers(0, top, size=n).astype(np.int64) for n in sizes]
-    vals = [rng.choice([0.1, 0.2, 1 / 3, 7.0], size=n) for n in sizes]
+    sizes = [5, 0, 400, 1, 23]
+    pick = (lambda n: rng.integers(0, top, size=n)) if top < 1000 else \
+        (lambda n: rng.choice([3, 17, top - 1, 5_000_000], size=n))
+    nos = [pick(n).astype(np.int64) for n in sizes]
+    vals = [rng.choice([0.1, 0.2, 0.3, 1 / 3, 1e-9, 7.0], size=n) for n in sizes]  # sums that depend on the order
     group, uniq, sums = grouped_sums(np.repeat(np.arange(len(sizes), dtype=np.int64), sizes),
                                      np.concatenate(nos), np.concatenate(vals))
     for g in range(len(sizes)):
-        want_nos, want_sums = partner_sums(nos[g], vals[g])
-        assert uniq[group == g].tolist() == want_nos.tolist()
-        assert sums[group == g].tolist() == want_sums.tolist()
+        want: dict[int, float] = {}
+        for no, v in zip(nos[g].tolist(), vals[g].tolist()):
+            want[no] = want.get(no, 0.0) + v
+        assert uniq[group == g].tolist() == sorted(want)
+        assert sums[group == g].tolist() == [want[no] for no in sorted(want)]
 
 
 def test_query_texts_encoded_ahead_are_used_only_for_exactly_their_batch():
