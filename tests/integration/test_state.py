@@ -55,6 +55,8 @@ def test_a_worker_keeps_its_state_on_a_redis_cluster(embedded, tmp_path, redis_c
         req = h.request("user-0", k=5)
         got = h.run([req])[req["request_id"]]
         assert not got["cold_start"] and len(got["items"]) == 5
+        # the request's list is out before its batch's counters are written: wait for those
+        wait_stat(h.redis, h.prefix, "requests_answered", 1, 60, h.worker)
         stats = h.stats()
         assert stats["events_applied"] == len(clicks) and stats["requests_answered"] == 1
         assert 0 < h.redis.memory_usage(f"{h.prefix}:{{u:user-0}}") < 4096
