@@ -180,8 +180,8 @@ class RedisCluster:
         return self
 
     def healthy(self) -> bool:
-        """Every live node says ``cluster_state:ok`` (and has no AOF rewrite running), and every
-        master has an online replica."""
+        """Every live node says ``cluster_state:ok`` (and has no AOF rewrite running), every master
+        has an online replica, and every live node's ``CLUSTER NODES`` already shows that replica."""
         live = self.live_ports()
         if not live or any(cluster_info(p).get("cluster_state") != "ok" or not aof_idle(p) for p in live):
             return False
@@ -189,6 +189,10 @@ class RedisCluster:
         masters = [v for v in views if v.is_master and v.slots and not v.failed]
         if len(masters) != self.n_masters:
             return False
+        for port in live:  # gossip: every node must already see each master's replica, not just the master
+            seen = cluster_nodes(port)
+            if any(sum(v.master_id == m.node_id and not v.failed for v in seen) < 1 for m in masters):
+                return False
         for m in masters:
             slave0 = _cmd(m.port, "INFO", "replication").get("slave0")  # parsed: {"state": ..., ...}
             if not isinstance(slave0, dict) or slave0.get("state") != "online":
@@ -232,7 +236,7 @@ class RedisCluster:
         return {"killed_port": port, "promoted_port": replica, "failover_s": round(time.monotonic() - t0, 3)}
 
     def restart(self, port: int, timeout_s: float = 30.0) -> None:
-        """Start a stopped/killed node again; wait until it is an online replica."""
+        """Start a stopped/killed node again; wait until it is an online replica that every node sees."""
         if port in self.procs and self.procs[port].poll() is None:
             raise RuntimeError(f"node :{port} is still running")
         self._spawn(port)
@@ -244,6 +248,7 @@ class RedisCluster:
 
         wait_for(rejoined, f"redis-server :{port} rejoining as a replica", timeout_s, self.procs[port],
                  self._log(port))
+        wait_for(self.healthy, "Redis Cluster (every node seeing every master's replica)", timeout_s)
 
     def _kill(self, port: int, sig: int) -> None:
         _signal(self.procs[port], sig)
