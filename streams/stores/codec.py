@@ -48,13 +48,9 @@ class _W:
         self.parts.append(struct.pack("<" + fmt, *v))
 
     def str(self, s: Optional[str]) -> None:
-        b = (s or "").encode()[:65535]
-        while b:  # never cut inside a UTF-8 sequence
-            try:
-                b.decode()
-                break
-            except UnicodeDecodeError:
-                b = b[:-1]
+        b = (s or "").encode()
+        if len(b) > 65535:  # cut, never inside a UTF-8 sequence
+            b = b[:65535].decode("utf-8", "ignore").encode()
         self.parts.append((bytes([len(b)]) if len(b) < 255 else b"\xff" + struct.pack("<H", len(b))) + b)
 
     def vec(self, v: Optional[np.ndarray]) -> None:

@@ -183,33 +183,44 @@ end
 return out
 """
 
-# Partner rows of one shard's items, each as ZREVRANGE ... WITHSCORES gives it. KEYS: the rows.
-# ARGV: n; above 0, a row's entries down to its n-th score (less 1e-12 of it) only.
+# Partner rows of one shard's items, best first: each as two strings, its members joined by the
+# byte 255 (never in UTF-8 text) and their scores as little-endian doubles; a row's
+# hundreds of entries cost the client two strings, not two parsed reply entries each.
+# KEYS: the rows. ARGV: n; above 0, a row's entries down to its n-th score (less 1e-12 of it) only.
 _ROWS = """
 local n = tonumber(ARGV[1])
 local out = {}
 for i = 1, #KEYS do
   local nth = n > 0 and redis.call('ZREVRANGE', KEYS[i], n - 1, n - 1, 'WITHSCORES') or {}
+  local row
   if #nth == 0 then
-    out[i] = redis.call('ZREVRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+    row = redis.call('ZREVRANGE', KEYS[i], 0, -1, 'WITHSCORES')
   else
     local s = tonumber(nth[2])
-    out[i] = redis.call('ZREVRANGEBYSCORE', KEYS[i], '+inf', s - math.abs(s) * 1e-12, 'WITHSCORES')
+    row = redis.call('ZREVRANGEBYSCORE', KEYS[i], '+inf', s - math.abs(s) * 1e-12, 'WITHSCORES')
   end
+  local ids, scores = {}, {}
+  for j = 1, #row, 2 do
+    ids[#ids + 1] = row[j]
+    scores[#scores + 1] = struct.pack('<d', tonumber(row[j + 1]))
+  end
+  out[i] = {table.concat(ids, "\\255"), table.concat(scores)}
 end
 return out
 """
 
 # One shard's co-click reference and the decayed clicks of some of its items. KEYS: meta, clicks
-# hash. ARGV: the item ids as one JSON array. Returns the reference, then each item's clicks.
+# hash. ARGV: the item ids as one JSON array. Returns the reference, then every item's clicks as
+# little-endian doubles in one string (NaN for an item never clicked).
 _COUNTS = """
 local names = cjson.decode(ARGV[1])
-local out = {redis.call('HGET', KEYS[1], 'cref') or false}
+local nan = 0 / 0
+local packed = {}
 for i = 1, #names, 4000 do
   local vals = redis.call('HMGET', KEYS[2], unpack(names, i, math.min(i + 3999, #names)))
-  for j = 1, #vals do out[#out + 1] = vals[j] end
+  for j = 1, #vals do packed[#packed + 1] = struct.pack('<d', vals[j] and tonumber(vals[j]) or nan) end
 end
-return out
+return {redis.call('HGET', KEYS[1], 'cref') or false, table.concat(packed)}
 """
 
 # One shard's popularity reference and, per popularity list, its size, its top score and the scores
@@ -632,7 +643,7 @@ class RedisProfileStore(ProfileStore):
         top = n if kind == "tr:" and n > 0 else 0
         replies = await self._pipeline(lambda pipe: [
             self._script(pipe, self._rows, [self.shard_key(k, kind + a) for a in sources[k]], [top]) for k in order])
-        rows = {a: _members_scores(r) for k, got in zip(order, replies, strict=True) for a, r in zip(sources[k], got, strict=True)}
+        rows = {a: _joined_row(r) for k, got in zip(order, replies, strict=True) for a, r in zip(sources[k], got, strict=True)}
         names = list({*item_ids, *itertools.chain.from_iterable(ids for ids, _ in rows.values())}) \
             if kind == "co:" else item_ids
         by_shard: dict[int, list[str]] = {k: [] for k in sources}
@@ -650,10 +661,9 @@ class RedisProfileStore(ProfileStore):
         counts: dict[str, float] = {}
         for k, r in zip(shards, got, strict=True):
             if k in scale:
-                f = scale[k]
-                for x, v in zip(by_shard[k], r[1:], strict=True):
-                    if v is not None:
-                        counts[x] = float(v) * f
+                vals = np.frombuffer(r[1], dtype="<f8")
+                known = ~np.isnan(vals)
+                counts.update(zip(itertools.compress(by_shard[k], known.tolist()), (vals[known] * scale[k]).tolist()))
         return rows, counts, scale
 
     async def _partners(self, kind: str, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
@@ -667,7 +677,7 @@ class RedisProfileStore(ProfileStore):
         rows = {}
         for a, (ids, vals) in cols.items():
             f = scale.get(self._shard(a), 0.0)
-            rows[a] = list(zip(ids, vals)) if f == 1.0 else [(b, c * f) for b, c in zip(ids, vals)]
+            rows[a] = list(zip(ids, vals.tolist() if f == 1.0 else (vals * f).tolist()))
         if kind == "tr:":
             return normalised_transitions(rows, counts, n)
         return normalised_cooccurrence(rows, counts, n)
@@ -689,10 +699,10 @@ class RedisProfileStore(ProfileStore):
         sizes = [len(ids) for _, ids, _ in live]
         total = sum(sizes)
         partners = list(itertools.chain.from_iterable(ids for _, ids, _ in live))
-        c = np.fromiter(itertools.chain.from_iterable(vals for _, _, vals in live), dtype=np.float64, count=total)
+        c = np.concatenate([vals for _, _, vals in live])
         c = c * np.repeat(np.array([scale.get(self._shard(a), 0.0) for a, _, _ in live]), sizes)  # as c * f
         ca = np.repeat(np.array([get(a) for a, _, _ in live]), sizes)
-        cb = np.array([get(b, 0.0) for b in partners], dtype=np.float64)
+        cb = np.fromiter(map(get, partners, itertools.repeat(0.0)), dtype=np.float64, count=total)
         keep = cb > 0
         with np.errstate(divide="ignore", invalid="ignore"):
             weight = c / np.sqrt(ca * cb)
@@ -903,13 +913,12 @@ def _zrevrange(pipe, key: str, start: int, end: int) -> None:
     pipe.execute_command("ZREVRANGE", key, start, end, "WITHSCORES")
 
 
-def _members_scores(reply: Any) -> tuple[list[str], list[float]]:
-    """The members and the scores of a raw ZREVRANGE ... WITHSCORES reply (see :func:`_scored`)."""
-    if not reply:
-        return [], []
-    if isinstance(reply[0], (list, tuple)):
-        return [m.decode() for m, _ in reply], [float(sc) for _, sc in reply]
-    return list(map(bytes.decode, reply[0::2])), list(map(float, reply[1::2]))
+def _joined_row(reply: Any) -> tuple[list[str], np.ndarray]:
+    """The members and the scores of a row as ``_ROWS`` joins them."""
+    ids, scores = reply
+    if not ids:
+        return [], np.zeros(0)
+    return ids.decode("utf-8", "surrogateescape").split("\udcff"), np.frombuffer(scores, dtype="<f8").astype(np.float64)
 
 
 def _scored(reply: Any) -> list[tuple[str, float]]:

@@ -702,3 +702,16 @@ def test_applied_recognises_offsets_and_recent_ids_and_sums_every_event():
 def test_explainer_dataclass_fields():
     x = Explainer("click", "Blue Train", "sku-9", e(0))
     assert (x.kind, x.label, x.ref) == ("click", "Blue Train", "sku-9")
+
+
+def test_a_record_cuts_a_long_string_between_characters_and_keeps_short_ones_whole():
+    from streams.stores.codec import _R, _W
+
+    w = _W()
+    for s in ("\u00e9" * 40000, "a" + "\u00e9" * 40000, "caf\u00e9 \U0001f3ac", "", None):
+        w.str(s)
+    r = _R(b"".join(w.parts))
+    cut = r.str()
+    assert cut == "\u00e9" * 32767 and len(cut.encode()) == 65534  # not 65535: that byte splits an "é"
+    assert r.str() == "a" + "\u00e9" * 32767
+    assert r.str() == "caf\u00e9 \U0001f3ac" and r.str() == "" and r.str() == ""
