@@ -193,6 +193,24 @@ def test_item_cache_is_bounded_and_expires():
     assert cache.get("c") is None
 
 
+def test_item_cache_drops_the_least_recently_used_and_reads_many_at_once():
+    now = [0.0]
+    cache = ItemCache(2, 10.0, clock=lambda: now[0])
+    from models.ranking import Candidate
+    cache.put(Candidate("a", 0.0))
+    now[0] = 5.0
+    cache.put(Candidate("b", 0.0))
+    assert cache.get("a") is not None  # "a" is now the most recently used
+    cache.put(Candidate("c", 0.0))
+    found, missing = cache.get_many(["c", "b", "a", "x"])
+    assert sorted(found) == ["a", "c"] and missing == ["b", "x"]
+    now[0] = 10.0  # "a" was put at 0: expired, though used since
+    found, missing = cache.get_many(["a", "c"])
+    assert list(found) == ["c"] and missing == ["a"]
+    cache.drop("c")
+    assert cache.get("c") is None
+
+
 def test_a_concurrent_writer_makes_the_batch_conflict_and_apply_once_when_processed_again(pipeline):
     from models.profile import Profile
     from streams.stores import ConflictError, Write
