@@ -37,12 +37,16 @@ def redis_url(tmp_path_factory):
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration),
+                        pytest.param("redis-resp3", marks=pytest.mark.integration),
                         pytest.param("redis-cluster", marks=[pytest.mark.integration, pytest.mark.cluster])])
 def url(request):
     if request.param == "memory":
         return "memory://"
     if request.param == "redis":
         return request.getfixturevalue("redis_url")
+    if request.param == "redis-resp3":  # replies shaped otherwise (scores as doubles, pairs nested)
+        base = request.getfixturevalue("redis_url")
+        return base + ("&" if "?" in base else "?") + "protocol=3"
     return request.getfixturevalue("redis_cluster").url
 
 
