@@ -185,14 +185,14 @@ class RedisCluster:
         live = self.live_ports()
         if not live or any(cluster_info(p).get("cluster_state") != "ok" or not aof_idle(p) for p in live):
             return False
-        views = cluster_nodes(live[0])
-        masters = [v for v in views if v.is_master and v.slots and not v.failed]
+        views = {p: cluster_nodes(p) for p in live}
+        masters = [v for v in views[live[0]] if v.is_master and v.slots and not v.failed]
         if len(masters) != self.n_masters:
             return False
-        for port in live:  # gossip: every node must already see each master's replica, not just the master
-            seen = cluster_nodes(port)
-            if any(sum(v.master_id == m.node_id and not v.failed for v in seen) < 1 for m in masters):
-                return False
+        # gossip: every node must already see each master's replica, not only the master itself
+        if not all(any(v.master_id == m.node_id and not v.failed for v in seen) for seen in views.values()
+                   for m in masters):
+            return False
         for m in masters:
             slave0 = _cmd(m.port, "INFO", "replication").get("slave0")  # parsed: {"state": ..., ...}
             if not isinstance(slave0, dict) or slave0.get("state") != "online":

@@ -629,7 +629,7 @@ class RedisProfileStore(ProfileStore):
         return await self._partners("tr:", item_ids, n)
 
     async def _partner_read(self, kind: str, item_ids: list[str], n: int) -> Optional[tuple[
-            dict[str, tuple[list[str], list[float]]], dict[str, float], dict[int, float]]]:
+            dict[str, tuple[list[str], np.ndarray]], dict[str, float], dict[int, float]]]:
         """The raw rows of ``item_ids`` (ids and counts), the decayed clicks of every item they
         name, and each shard's scale to the newest reference; None when no shard has one."""
         # One script call per shard for the rows, then one per shard for the reference and the
@@ -677,7 +677,7 @@ class RedisProfileStore(ProfileStore):
         rows = {}
         for a, (ids, vals) in cols.items():
             f = scale.get(self._shard(a), 0.0)
-            rows[a] = list(zip(ids, vals.tolist() if f == 1.0 else (vals * f).tolist()))
+            rows[a] = list(zip(ids, (vals * f).tolist()))
         if kind == "tr:":
             return normalised_transitions(rows, counts, n)
         return normalised_cooccurrence(rows, counts, n)
