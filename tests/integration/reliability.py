@@ -21,7 +21,7 @@ from models.profile import Applied, Profile
 from streams.stores import codec
 from streams.stores.redis_profiles import read_stats
 from workers.runner import encode_line
-from workers.stack import free_port, port_open, redis_server_bin, wait_for
+from workers.stack import free_port, index_server_env, port_open, redis_server_bin, wait_for
 
 FIELDS = ("events_sent", "applied_once", "lost", "applied_twice", "counters_off_by", "kills", "rebalances", "outages",
           "bad_inputs_tried", "dead_lettered", "crashes")
@@ -287,12 +287,16 @@ class Restartable:
     def argv(self) -> list[str]:
         raise NotImplementedError
 
+    def env(self) -> dict[str, str]:
+        return {}
+
     def ready(self) -> bool:
         return port_open(self.port)
 
     def start(self, timeout_s: float = 90.0):
         self.proc = subprocess.Popen(self.argv(), stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, env={**os.environ, **self.env()},
+                                     start_new_session=True)
         wait_for(self.ready, self.name, timeout_s, self.proc, self.log)
         return self
 
@@ -350,6 +354,9 @@ class MilvusServer(Restartable):
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.base / "data"),
                 "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def env(self) -> dict[str, str]:
+        return index_server_env()
 
     def ready(self) -> bool:
         from streams.stores.milvus_items import milvus_client

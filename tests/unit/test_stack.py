@@ -57,3 +57,11 @@ def test_real_ports_are_bindable_and_distinct(tmp_path):
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_the_index_server_runs_blas_on_one_thread_unless_told_otherwise(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert stack.index_server_env() == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")  # an operator's own choice is kept whole
+    assert stack.index_server_env() == {}
