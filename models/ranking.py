@@ -75,6 +75,16 @@ class Job:
     exclude: frozenset[str] | set[str] = frozenset()
     only_categories: Sequence[str] = ()
     signals: Signals = field(default_factory=Signals)
+    vector: Optional[np.ndarray] = None  # the list's query vector: candidates' cosines taken again from it
+
+
+def cosines(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Each row's cosine to ``query`` (unit vectors), summed in float64 row by row and rounded to
+    float32: the same value for an item and a query whatever else is computed beside it. An
+    index's float32 scores differ in their last bits with the shape of the search call (how many
+    queries, which items a filter leaves), which would let the batching reorder near-ties."""
+    rows = np.einsum("ij,j->i", np.asarray(vectors, dtype=np.float64), np.asarray(query, dtype=np.float64))
+    return rows.astype(np.float32).astype(np.float64)
 
 
 def segment_ranks(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -111,7 +121,7 @@ def features(jobs: Sequence[Job], pools: Sequence[Sequence[Candidate]], dists: S
     if not n:
         return X
     seg = np.repeat(np.arange(len(pools)), [len(pool) for pool in pools])
-    text = np.array([c.similarity for pool in pools for c in pool], dtype=np.float64)
+    text = np.concatenate([_similarities(job.vector, pool) for job, pool in zip(jobs, pools)])
     co, tr, pop, clicks, interest, scene = [], [], [], [], [], []
     for job, pool, dist in zip(jobs, pools, dists):
         if not pool:
@@ -140,6 +150,16 @@ def features(jobs: Sequence[Job], pools: Sequence[Sequence[Candidate]], dists: S
     X[:, 9] = segment_ranks(pop_a, seg)
     X[:, 10] = X[:, 0] / (1.0 + np.array(clicks, dtype=np.float64))
     return X
+
+
+def _similarities(vector: Optional[np.ndarray], pool: Sequence[Candidate]) -> np.ndarray:
+    """The candidates' cosines: taken again from their vectors where the list's vector is known."""
+    sims = np.array([c.similarity for c in pool], dtype=np.float64)
+    if vector is not None:
+        has = [j for j, c in enumerate(pool) if c.vector is not None]
+        if has:
+            sims[has] = cosines(vector, np.stack([pool[j].vector for j in has]))
+    return sims
 
 
 def rank(profile: Profile, candidates: Iterable[Candidate], k: int, scene: Optional[str], categories: int,

@@ -957,7 +957,8 @@ class Pipeline:
         with self.metrics.stage("ranking"):
             lists = dict(zip(personal, rank_many(
                 [Job(answers[i].profile, results.get(i, []), answers[i].k, answers[i].scene, answers[i].exclude,
-                     answers[i].only_categories, signals[i]) for i in personal], n_categories, p, weights)))
+                     answers[i].only_categories, signals[i], answers[i].vector) for i in personal],
+                n_categories, p, weights)))
         for i, a in enumerate(answers):
             ranked: list[Ranked] = []
             if a.vector is not None:
