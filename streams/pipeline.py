@@ -935,8 +935,7 @@ class Pipeline:
                 a = answers[i]
                 extra = itertools.islice(pools[a.scene].unseen(a.profile.seen, a.exclude, popular_bound(a, p.oversample)),
                                          a.k * p.oversample)
-                results[i] = results.get(i, []) + [Candidate(c.item_id, float(np.dot(a.vector, c.vector)), *_attrs(c))
-                                                   for c in extra]
+                results[i] = results.get(i, []) + list(extra)  # ranking takes their cosines from their vectors
         newest: Optional[_Popular] = None  # read only when a list needs filling
         produced: list[tuple[str, bytes]] = []
         if signals:  # how thin each candidate's behaviour is, and how popular
@@ -1054,7 +1053,8 @@ class Pipeline:
         clicks (``kind`` "cooccur"), or clicked right after the last ``transition_sources`` ones,
         the nearest weighing most ("transitions"), from :meth:`_behaviour_read`. Each item's
         summed score and the title of the click that gives it most go into ``signals``; the best
-        ``k * oversample`` join the candidates (``results``) with their cosine similarity."""
+        ``k * oversample`` join the candidates (``results``; ranking takes their cosines from their
+        vectors)."""
         p = self.params
         co = kind == "cooccur"
         # per source: its partners' catalog numbers and scores, as arrays
@@ -1116,10 +1116,8 @@ class Pipeline:
                     continue
                 taken.append((v, y))
             taken.sort(key=lambda vy: (-vy[0], vy[1]))
-            vector = a.vector
-            results[i] = results.get(i, []) + [
-                Candidate(y, float(np.dot(vector, known[y].vector)), *_attrs(known[y]))
-                for _, y in taken[:n] if known[y].vector is not None and known[y].available]
+            results[i] = results.get(i, []) + [known[y] for _, y in taken[:n]
+                                               if known[y].vector is not None and known[y].available]
 
     async def _popular_pool(self, scene: Optional[str], n: int) -> _Popular:
         """The ``n`` most popular items (with vectors, similarity = popularity)."""
