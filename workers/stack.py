@@ -162,7 +162,7 @@ class Stack:
             rbin = redis_server_bin()
             redis, rlog = self._spawn("redis", [rbin, "--port", str(self.redis_port), "--bind", "127.0.0.1",
                                                 "--save", "", "--appendonly", "no", "--dir", str(self.data_dir)])
-            milvus, mlog = self._spawn("milvus", [sys.executable, "-m", "milvus_lite", "server", "--data-dir",
+            milvus, mlog = self._spawn("milvus", [sys.executable, "-m", "workers.index_server", "server", "--data-dir",
                                                   str(self.data_dir / "milvus"), "--host", "127.0.0.1",
                                                   "--port", str(self.milvus_port)], env=index_server_env())
             wait_for(lambda: port_open(self.kafka_port), "Kafka broker", timeout_s, kafka, klog)

@@ -352,7 +352,7 @@ class MilvusServer(Restartable):
         return f"http://127.0.0.1:{self.port}"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.base / "data"),
+        return [sys.executable, "-m", "workers.index_server", "server", "--data-dir", str(self.base / "data"),
                 "--host", "127.0.0.1", "--port", str(self.port)]
 
     def env(self) -> dict[str, str]:
