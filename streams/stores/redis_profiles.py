@@ -199,12 +199,18 @@ for i = 1, #KEYS do
     local s = tonumber(nth[2])
     row = redis.call('ZREVRANGEBYSCORE', KEYS[i], '+inf', s - math.abs(s) * 1e-12, 'WITHSCORES')
   end
-  local ids, scores = {}, {}
+  local ids, scores, m = {}, {}, 0
   for j = 1, #row, 2 do
-    ids[#ids + 1] = row[j]
-    scores[#scores + 1] = struct.pack('<d', tonumber(row[j + 1]))
+    m = m + 1
+    ids[m] = row[j]
+    scores[m] = row[j + 1]
   end
-  out[i] = {table.concat(ids, "\\255"), table.concat(scores)}
+  local packed = {}
+  for a = 1, m, 4000 do  -- one pack call for many scores (struct reads their text as numbers)
+    local b = math.min(a + 3999, m)
+    packed[#packed + 1] = struct.pack('<' .. string.rep('d', b - a + 1), unpack(scores, a, b))
+  end
+  out[i] = {table.concat(ids, "\\255"), table.concat(packed)}
 end
 return out
 """

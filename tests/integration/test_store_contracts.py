@@ -336,6 +336,34 @@ def test_partner_arrays_hold_exactly_the_partners_and_weights_of_the_rows(url):
     run(url, go, StoreOptions(shards=4, popularity_halflife_s=3600.0, cooccur_halflife_s=3600.0, cooccur_keep=50))
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("length", [0, 1, 3999, 4000, 9001])
+def test_a_partner_row_of_any_length_comes_back_with_every_score_exact(redis_url, length):
+    """The Redis script that reads partner rows packs their scores in chunks: every member and
+    every score of a row comes back as the sorted set holds it, to the last bit, at any length."""
+    import redis.asyncio as aioredis
+
+    from streams.stores.redis_profiles import _joined_row
+
+    async def go(store):
+        rng = np.random.default_rng(length)
+        scores = rng.choice([1.0, 1e-300, 3.5e250, 0.1], length) * rng.random(length)
+        members = {f"p{n}-ü": float(v) for n, v in enumerate(scores)}
+        key = store.shard_key(0, "co:src")
+        direct = aioredis.from_url(redis_url)
+        try:
+            if members:
+                await direct.zadd(key, members)
+            want = await direct.zrevrange(key, 0, -1, withscores=True)
+        finally:
+            await direct.aclose()
+        [[reply]] = await store._pipeline(lambda pipe: store._script(pipe, store._rows, [key], [0]))
+        ids, got = _joined_row(reply)
+        assert ids == [m.decode() for m, _ in want]
+        assert got.tobytes() == np.array([s for _, s in want], dtype="<f8").tobytes()
+    run(redis_url, go)
+
+
 def test_cooccurrence_keeps_the_strongest_partners_so_new_ones_displace_stale_ones(url):
     async def go(store):
         assert await store.cooccurring(["a"], 5) == {"a": []}
