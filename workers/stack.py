@@ -55,6 +55,13 @@ def index_server_env() -> dict[str, str]:
     return {} if any(n in os.environ for n in names) else {n: str(INDEX_SERVER_THREADS) for n in names}
 
 
+def index_server_argv(data_dir: Path, port: int) -> list[str]:
+    """The command that runs the Milvus Lite server on loopback (``workers.index_server``), with
+    :func:`index_server_env` beside it."""
+    return [sys.executable, "-m", "workers.index_server", "server", "--data-dir", str(data_dir),
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
 def wait_for(check, what: str, timeout_s: float = 60.0, proc: Optional[subprocess.Popen] = None,
              log: Optional[Path] = None) -> None:
     """Wait until ``check()`` is true, with a deadline; fail early if ``proc`` exits."""
@@ -162,9 +169,8 @@ class Stack:
             rbin = redis_server_bin()
             redis, rlog = self._spawn("redis", [rbin, "--port", str(self.redis_port), "--bind", "127.0.0.1",
                                                 "--save", "", "--appendonly", "no", "--dir", str(self.data_dir)])
-            milvus, mlog = self._spawn("milvus", [sys.executable, "-m", "workers.index_server", "server", "--data-dir",
-                                                  str(self.data_dir / "milvus"), "--host", "127.0.0.1",
-                                                  "--port", str(self.milvus_port)], env=index_server_env())
+            milvus, mlog = self._spawn("milvus", index_server_argv(self.data_dir / "milvus", self.milvus_port),
+                                       env=index_server_env())
             wait_for(lambda: port_open(self.kafka_port), "Kafka broker", timeout_s, kafka, klog)
             wait_for(self._kafka_ready, "Kafka broker metadata", timeout_s, kafka, klog)
             wait_for(self._redis_ready, "redis-server", timeout_s, redis, rlog)

@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from models.profile import Applied, Profile
 from streams.stores import codec
 from streams.stores.redis_profiles import read_stats
 from workers.runner import encode_line
-from workers.stack import free_port, index_server_env, port_open, redis_server_bin, wait_for
+from workers.stack import free_port, index_server_argv, index_server_env, port_open, redis_server_bin, wait_for
 
 FIELDS = ("events_sent", "applied_once", "lost", "applied_twice", "counters_off_by", "kills", "rebalances", "outages",
           "bad_inputs_tried", "dead_lettered", "crashes")
@@ -352,8 +351,7 @@ class MilvusServer(Restartable):
         return f"http://127.0.0.1:{self.port}"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "workers.index_server", "server", "--data-dir", str(self.base / "data"),
-                "--host", "127.0.0.1", "--port", str(self.port)]
+        return index_server_argv(self.base / "data", self.port)
 
     def env(self) -> dict[str, str]:
         return index_server_env()
