@@ -172,11 +172,9 @@ class MilvusItemIndex(ItemIndex):
         params = {"metric_type": self.metric}
         if self.index_type == "HNSW":
             params["params"] = {"ef": min(max(limit, HNSW_MIN_EF), 32_768)}
-        hits = self._read(lambda: self.client.search(self.collection, data=data, limit=limit, filter=expr,
-                                                     output_fields=["no"], search_params=params,
-                                                     consistency_level=self.consistency, timeout=self.timeout))
-        return [[Candidate(i, float(d), no=int(row.get_raw_item(j)["entity"]["no"]))
-                 for j, (i, d) in enumerate(zip(row.ids, row.distances, strict=True))] for row in hits]
+        return self._read(lambda: _hits(self.client.search(
+            self.collection, data=data, limit=limit, filter=expr, output_fields=["no"], search_params=params,
+            consistency_level=self.consistency, timeout=self.timeout, _async=True), self.timeout))
 
     def count(self) -> int:
         rows = self._read(lambda: self.client.query(self.collection, filter="", output_fields=["count(*)"],
@@ -185,6 +183,41 @@ class MilvusItemIndex(ItemIndex):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _hits(future, timeout: float) -> list[list[Candidate]]:
+    """The hits of a search sent with ``_async=True``, read from the server's reply as it came:
+    pymilvus's own result builds an object per hit, which cost the worker about a tenth of its time
+    (a version of pymilvus without the reply at hand is read the usual way)."""
+    grpc_future = getattr(future, "_future", None)
+    if grpc_future is None:
+        return [[Candidate(i, float(d), no=int(row.get_raw_item(j)["entity"]["no"]))
+                 for j, (i, d) in enumerate(zip(row.ids, row.distances, strict=True))] for row in future.result()]
+    from pymilvus.client.utils import check_status
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        reply = grpc_future.result(timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - as pymilvus says it
+        raise MilvusException(message=str(exc)) from exc
+    if reply is None:
+        raise MilvusException(message="Received None response from server during search")
+    check_status(reply.status)
+    return search_hits(reply.results)
+
+
+def search_hits(res) -> list[list[Candidate]]:
+    """Each query's hits (id, score, catalog number) from a ``SearchResultData`` reply."""
+    ids = res.ids.str_id.data if res.ids.HasField("str_id") else res.ids.int_id.data
+    nos = next((f.scalars.long_data.data for f in res.fields_data if f.field_name == "no"), None)
+    ids, scores = list(ids), list(res.scores)
+    nos = list(nos) if nos is not None else [-1] * len(ids)
+    out, start = [], 0
+    for topk in res.topks:
+        end = start + topk
+        out.append([Candidate(i, d, no=n) for i, d, n in zip(ids[start:end], scores[start:end], nos[start:end])])
+        start = end
+    return out
 
 
 def _not_loaded(exc: BaseException) -> bool:
