@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import weakref
 from typing import Any
 
@@ -26,6 +27,8 @@ PATCHED_VERSION = "3.2.2"
 
 # id(table) -> (a weak reference to it, the readers of its columns made so far, by name)
 _columns: dict[int, tuple[Any, dict[str, Any]]] = {}
+# the fields a search running in this thread returns (``wanted.fields``; None: every field)
+wanted = threading.local()
 
 
 def _converted(table: Any) -> dict[str, Any]:
@@ -63,7 +66,11 @@ def fast_row_to_dict(self: Any, row_idx: int) -> dict:
     result: dict = {}
     meta_raw = None
     readers = _converted(self.table)
-    for name in self.table.schema.names:
+    names = self.table.schema.names
+    fields = getattr(wanted, "fields", None)
+    if fields is not None and "$meta" not in names:  # a search's hit: only what it returns
+        names = [name for name in names if name in fields]
+    for name in names:
         if name == "_seq":
             continue
         how = readers.get(name)
@@ -93,6 +100,22 @@ def fast_row_to_dict(self: Any, row_idx: int) -> dict:
     return result
 
 
+def only_returned_fields(search: Any) -> Any:
+    """Milvus Lite's search executor, reading of each hit's row only the primary key and the
+    fields the search returns (a hit's row was read whole, its vector included, and cut to those
+    fields afterwards)."""
+    def execute(*args: Any, **kwargs: Any) -> Any:
+        out, pk = kwargs.get("output_fields"), kwargs.get("pk_field")
+        if out is None or pk is None:
+            return search(*args, **kwargs)
+        wanted.fields = frozenset(out) | {pk}
+        try:
+            return search(*args, **kwargs)
+        finally:
+            wanted.fields = None
+    return execute
+
+
 def install() -> bool:
     """Put :func:`fast_row_to_dict` in place on Milvus Lite :data:`PATCHED_VERSION`; False (and
     Milvus Lite left as it is) on another version."""
@@ -103,7 +126,10 @@ def install() -> bool:
     if version != PATCHED_VERSION:
         log.warning("Milvus Lite %s, not %s: its row reads are left as they are", version, PATCHED_VERSION)
         return False
+    from milvus_lite.engine import collection
+
     segment.Segment.row_to_dict = fast_row_to_dict
+    collection.execute_search_with_index = only_returned_fields(collection.execute_search_with_index)
     return True
 
 

@@ -18,7 +18,7 @@ from workers import index_server
 ORIGINAL = Segment.row_to_dict  # as Milvus Lite ships it (nothing in this process installs the patch)
 
 
-def _segment(tmp_path, n: int = 7, nullable: bool = False) -> Segment:
+def _segment(tmp_path, n: int = 7, nullable: bool = False, meta: bool = True) -> Segment:
     rng = np.random.default_rng(5)
     vectors = rng.standard_normal((n, 4)).astype(np.float32)
     vector_values = [None if nullable and i % 3 == 1 else v.tolist() for i, v in enumerate(vectors)]
@@ -34,6 +34,8 @@ def _segment(tmp_path, n: int = 7, nullable: bool = False) -> Segment:
         "$meta": pa.array([json.dumps({"extra": i, "tag": "x"}) if i % 2 else None for i in range(n)]),
         "_seq": pa.array(range(n), type=pa.uint64()),
     })
+    if not meta:
+        table = table.drop_columns(["$meta"])
     path = tmp_path / "data_000001_000007.parquet"
     pq.write_table(table, path)
     return Segment.load(str(path), "_default", "item_id", "vector")
@@ -67,8 +69,33 @@ def test_columns_are_converted_once_per_table_and_let_go_with_it(tmp_path):
     assert len(index_server._columns) == before
 
 
+def test_a_search_reads_of_each_hit_only_the_key_and_the_fields_it_returns(tmp_path):
+    """Within a search (and only there), a hit's row holds the primary key and the output fields,
+    with the values of the whole row; a collection with dynamic fields is read whole."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain, dynamic = _segment(tmp_path / "a", meta=False), _segment(tmp_path / "b")
+    seen = []
+
+    def search(**kw):  # stands for Milvus Lite's executor: reads rows of hits
+        seen.append([index_server.fast_row_to_dict(seg, 3) for seg in (plain, dynamic)])
+        return "hits"
+
+    execute = index_server.only_returned_fields(search)
+    assert execute(output_fields=["no", "title"], pk_field="item_id") == "hits"
+    (narrow, whole), = seen
+    assert narrow == {k: v for k, v in ORIGINAL(plain, 3).items() if k in ("item_id", "no", "title")}
+    assert whole == ORIGINAL(dynamic, 3)
+    assert index_server.fast_row_to_dict(plain, 3) == ORIGINAL(plain, 3)  # outside a search: every field
+    execute(output_fields=None, pk_field="item_id")
+    assert seen[-1][0] == ORIGINAL(plain, 3)
+
+
 def test_installed_only_on_the_version_it_was_written_for(monkeypatch):
+    from milvus_lite.engine import collection
+
     monkeypatch.setattr(Segment, "row_to_dict", ORIGINAL)  # restored after the test
+    monkeypatch.setattr(collection, "execute_search_with_index", collection.execute_search_with_index)
     monkeypatch.setattr(milvus_lite, "__version__", "9.9.9")
     assert index_server.install() is False and Segment.row_to_dict is ORIGINAL
     monkeypatch.setattr(milvus_lite, "__version__", index_server.PATCHED_VERSION)
