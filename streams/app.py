@@ -142,7 +142,8 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
         are not applied is taken again as it was (:meth:`Pipeline.next_batch`): events held for a
         later batch wait, and events of that batch not yet held are waited for up to
         ``REDO_WAIT_S``. Events are taken from the stream while a batch runs (up to two batches
-        held); ``prepare`` is shown each full batch that waits behind the running one."""
+        held); ``prepare`` is shown each full batch that waits behind the running one. With ``again``,
+        the pipeline sees the events held behind the running batch (``Pipeline.upcoming``)."""
         async def agent(stream: faust.StreamT) -> None:
             agents[name] = "running"
             metrics.agent(name, True)
@@ -191,6 +192,8 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                         room.clear()
                         await room.wait()
 
+            if again and settings.search_ahead:  # the events batch: its searches begin while the one before it runs
+                pipeline.upcoming = lambda: raw_of([ev for ev in held if id(ev) not in running][: settings.batch_max])
             reader = asyncio.ensure_future(read())
             try:
                 waiting_since: Optional[float] = None

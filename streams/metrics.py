@@ -50,6 +50,10 @@ class Metrics:
         self.prefetched = Counter("streamrec_query_prefetch", "Events batches with queries whose texts were "
                                   "encoded while the batch before them ran (hit), or only when they ran (miss).",
                                   ["outcome"], registry=self.registry)
+        self.lookahead = Counter("streamrec_lookahead_searches", "Lists whose index search was done ahead, while "
+                                 "the batch before theirs ran, with exactly the vector, limit and filter they "
+                                 "search with (hit), or searched when their batch ran (miss).", ["outcome"],
+                                 registry=self.registry)
         self._stats = Counter("streamrec_stats", "The worker's counters (the names of `streamrec stats`: events_in, "
                               "events_applied, redelivered, dead_letters, recommendations_out, ...) for the "
                               "batches this process completed.", ["name"], registry=self.registry)
@@ -71,6 +75,7 @@ class Metrics:
         for outcome in ("hit", "miss"):
             self.probes.labels(outcome)
             self.prefetched.labels(outcome)
+            self.lookahead.labels(outcome)
         self.started = time.time()
         self.last_batch_time: Optional[float] = None
 

@@ -218,6 +218,17 @@ class ItemCache:
         self._d.pop(item_id, None)
 
 
+def _clone(p: Profile) -> Profile:
+    """A copy of ``p`` that applying events to leaves ``p`` as it was (vectors are replaced, never
+    changed in place, so they are shared)."""
+    c = copy.copy(p)
+    c.scenes, c.interest, c.history = dict(p.scenes), dict(p.interest), list(p.history)
+    c.explainers = [copy.copy(e) for e in p.explainers]
+    c.seen = set(p.seen)
+    c.applied = Applied(dict(p.applied.offsets), list(p.applied.recent), p.applied.count, p.applied.digest)
+    return c
+
+
 def _attrs(c: Candidate) -> tuple:
     return c.vector, c.title, c.category, c.scenes, c.available, c.no
 
@@ -442,6 +453,14 @@ class Pipeline:
         self._redo: dict[str, int] = {}  # a batch to take again: per source, its last offset
         self._applied: dict[str, int] = {}  # per source, the published offset read with it
         self._prefetched: dict[tuple[str, ...], asyncio.Future] = {}  # query texts -> their encoding, begun early
+        # The index searches of the batch expected next, done while this one runs (:meth:`_look_ahead`)
+        self.upcoming: Optional[Callable[[], Sequence[RawMessage]]] = None  # the events held behind the batch
+        self._index_gen = 0  # +1 at the start and at the end of every write to the item index
+        self._index_writing = 0  # writes to the item index under way
+        self._ahead_task: Optional[asyncio.Task] = None  # the search ahead begun by the running batch
+        self._ahead_pending: Optional[asyncio.Task] = None  # the one begun by the batch before it
+        self._ahead_hits: tuple[int, dict[tuple, list[Candidate]]] = (-1, {})  # (index generation, hits by key)
+        self._searched: Optional[asyncio.Future] = None  # set once the running batch's own searches are done
         self.closers: list[Callable[[], Any]] = []  # what else :meth:`close` closes (e.g. a gate's client)
 
     async def peek_user(self, user_id: str) -> tuple[Profile, dict[str, str], dict[str, float]]:
@@ -471,6 +490,9 @@ class Pipeline:
         for job in self._prefetched.values():
             job.cancel()
         self._prefetched.clear()
+        for task in (self._ahead_task, self._ahead_pending):
+            if task is not None:
+                task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._encode_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -488,6 +510,16 @@ class Pipeline:
         parts = [await self._run(self.encoder.encode, texts[i:i + step], encoder=True)
                  for i in range(0, len(texts), step)]
         return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), dtype=np.float32)
+
+    async def _index_write(self, fn: Callable, *args: Any) -> None:
+        """A write to the item index; searches done ahead before or during it are not used after it."""
+        self._index_gen += 1
+        self._index_writing += 1
+        try:
+            await self._run(fn, *args)
+        finally:
+            self._index_writing -= 1
+            self._index_gen += 1
 
     async def process_catalog(self, batch: Sequence[RawMessage]) -> Output:
         """Number, encode and index upserted items, remove deleted ones (all idempotent)."""
@@ -511,7 +543,7 @@ class Pipeline:
             vectors = await self._encode_catalog([r.text() for _, r in upserts])
             rows = [ItemRow(r.item_id, v, r.title, r.category, tuple(r.scenes), r.available, r.timestamp,
                             numbers[r.item_id]) for (_, r), v in zip(upserts, vectors, strict=True)]
-            await self._run(self.items.upsert, rows)
+            await self._index_write(self.items.upsert, rows)
             await self.profiles.add_items([(r.item_id, r.timestamp, r.category) for _, r in upserts if r.available])
             unavailable = [r.item_id for _, r in upserts if not r.available]
             if unavailable:
@@ -520,7 +552,7 @@ class Pipeline:
                 out.count(m, "items_upserted")
         if deletes:
             ids = [r.item_id for _, r in deletes]
-            await self._run(self.items.delete, ids)
+            await self._index_write(self.items.delete, ids)
             await self.profiles.remove_items(ids)
             for m, _ in deletes:
                 out.count(m, "items_deleted")
@@ -532,6 +564,19 @@ class Pipeline:
 
     async def process_events(self, batch: Sequence[RawMessage]) -> Output:
         """Apply clicks and queries to profiles (in memory) and make one list per valid event."""
+        self._ahead_pending, self._ahead_task = self._ahead_task, None  # the searches done ahead for this batch
+        try:
+            return await self._process_events(batch)
+        except BaseException:
+            if self._ahead_task is not None:  # begun for a batch after this one: taken again as it was
+                self._ahead_task.cancel()
+                self._ahead_task = None
+            raise
+        finally:
+            if self._searched is not None and not self._searched.done():
+                self._searched.set_result(None)  # a batch with no search of its own
+
+    async def _process_events(self, batch: Sequence[RawMessage]) -> Output:
         out = Output()
         now = self.clock()
         events: list[tuple[RawMessage, Click | Query | ForgetUser]] = []
@@ -581,6 +626,7 @@ class Pipeline:
                 if a is not None:
                     a.duplicate = a.duplicate or m.offset <= published.get(source_of(m), -1)
                     flat.append((m, a))
+        self._look_ahead({**profiles, **{w.profile.user_id: w.profile for w in out.writes}})  # a forget makes a new one
         # Lists see popularity, co-clicks and the ranker's weights as they were before this batch:
         # never a click that comes after their event.
         ids = {c.no: c.item_id for c in items.values()}
@@ -860,28 +906,7 @@ class Pipeline:
         # a large one excluded in the index, once for all of its user's lists in the batch (the
         # seen set after the whole batch is excluded, and the items the user clicks later in the
         # batch, unseen when an earlier list is made, join that list's candidates, scored here).
-        final: dict[int, tuple[Any, set[int]]] = {}  # id(seen before the batch) -> (it, + batch clicks)
-        for a in answers:
-            seen = a.profile.seen
-            if a.vector is not None and isinstance(seen, _SeenView):
-                final.setdefault(id(seen.base), (seen.base, set()))[1].update(seen.added)
-        plans: dict[int, _Plan] = {}
-        late: dict[int, list[str]] = {}
-        limits: dict[int, int] = {}
-        for i, a in enumerate(answers):
-            if a.vector is None:
-                continue
-            seen = a.profile.seen
-            base, added = (seen.base, seen.added) if isinstance(seen, _SeenView) else (seen, frozenset())
-            batch_clicks = final[id(base)][1] if id(base) in final else set()
-            lim, probe = search_limit(a.k, p.oversample, len(a.exclude))
-            limits[i] = lim
-            if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
-                late[i] = [ids[c] for c in batch_clicks if c not in added and c not in base and c in ids]
-                plans[i] = _Plan(lim, a.only_categories, probe, _SeenView(base, frozenset(batch_clicks)), id(base), lim)
-            else:
-                need = _eights(lim + len(seen))
-                plans[i] = _Plan(lim, a.only_categories, min(need, probe), seen, None, need)
+        plans, late, limits = self._plans(answers, ids)
         if "text" in off:  # ablation: no candidates by text (the vectors still tell who is personalised)
             plans, late = {}, {}
         # The index searches run beside the store reads that do not need their results (behaviour
@@ -981,7 +1006,37 @@ class Pipeline:
                 a.duplicate)))
         return produced
 
-    async def _search(self, answers: Sequence[_Answer], plans: dict[int, "_Plan"]) -> dict[int, list[Candidate]]:
+    def _plans(self, answers: Sequence[_Answer], ids: dict[int, str]
+               ) -> tuple[dict[int, "_Plan"], dict[int, list[str]], dict[int, int]]:
+        """How each personalised list searches (see :meth:`answer`): its plan, the items clicked
+        later in the batch that join it (``late``) and how many unseen items it wants."""
+        p = self.params
+        final: dict[int, tuple[Any, set[int]]] = {}  # id(seen before the batch) -> (it, + batch clicks)
+        for a in answers:
+            seen = a.profile.seen
+            if a.vector is not None and isinstance(seen, _SeenView):
+                final.setdefault(id(seen.base), (seen.base, set()))[1].update(seen.added)
+        plans: dict[int, _Plan] = {}
+        late: dict[int, list[str]] = {}
+        limits: dict[int, int] = {}
+        for i, a in enumerate(answers):
+            if a.vector is None:
+                continue
+            seen = a.profile.seen
+            base, added = (seen.base, seen.added) if isinstance(seen, _SeenView) else (seen, frozenset())
+            batch_clicks = final[id(base)][1] if id(base) in final else set()
+            lim, probe = search_limit(a.k, p.oversample, len(a.exclude))
+            limits[i] = lim
+            if len(base) + len(batch_clicks) >= EXCLUDE_IN_INDEX:
+                late[i] = [ids[c] for c in batch_clicks if c not in added and c not in base and c in ids]
+                plans[i] = _Plan(lim, a.only_categories, probe, _SeenView(base, frozenset(batch_clicks)), id(base), lim)
+            else:
+                need = _eights(lim + len(seen))
+                plans[i] = _Plan(lim, a.only_categories, min(need, probe), seen, None, need)
+        return plans, late, limits
+
+    async def _search(self, answers: Sequence[_Answer], plans: dict[int, "_Plan"],
+                      ahead: Optional[dict[tuple, list[Candidate]]] = None) -> dict[int, list[Candidate]]:
         """Each planned list's search hits, by answer index, best first: enough that its best
         ``limit`` unseen items are among them. First one plain batched search per group of lists
         (by the categories they are limited to), of the group's largest ``probe``: a list that
@@ -996,14 +1051,18 @@ class Pipeline:
 
         async def probe(only: tuple[str, ...], idx: list[int]) -> None:
             limit = max(plans[i].probe for i in idx)
-            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, only, ())
+            hits = await self._searched_rows([answers[i].vector for i in idx], limit, only, (), ahead)
             for i, h in zip(idx, hits, strict=True):
                 plan = plans[i]
                 kept = [c for c in h if c.no not in plan.drop][:plan.limit]
                 if len(kept) == plan.limit or len(h) < limit:  # full, or the index has nothing more to give
                     out[i] = kept
-                self.metrics.probes.labels("hit" if i in out else "miss").inc()
+                if ahead is None:
+                    self.metrics.probes.labels("hit" if i in out else "miss").inc()
 
+        if ahead is None and self._ahead_pending is not None:  # the searches done ahead for this batch
+            await asyncio.wait([self._ahead_pending])
+            self._ahead_pending = None
         await asyncio.gather(*(probe(only, idx) for only, idx in groups.items()))
         again: dict[tuple, list[int]] = {}
         for i, plan in plans.items():
@@ -1015,12 +1074,103 @@ class Pipeline:
             first = plans[idx[0]]
             excluded = first.drop.all if first.owner is not None else ()
             limit = max(plans[i].need for i in idx)
-            hits = await self._run(self.items.search, np.stack([answers[i].vector for i in idx]), limit, key[0],
-                                   excluded)
+            hits = await self._searched_rows([answers[i].vector for i in idx], limit, key[0], excluded, ahead)
             out.update(zip(idx, hits, strict=True))
 
         await asyncio.gather(*(search(key, idx) for key, idx in again.items()))
+        if ahead is None and self._searched is not None and not self._searched.done():
+            self._searched.set_result(None)  # the search ahead for the next batch may go now
         return out
+
+    async def _searched_rows(self, vectors: list[np.ndarray], limit: int, only: tuple[str, ...],
+                             excluded: Collection[int], ahead: Optional[dict[tuple, list[Candidate]]]
+                             ) -> list[list[Candidate]]:
+        """The index's hits for each of ``vectors``: those searched ahead with exactly this vector,
+        limit and filter (while the index was not written), the others in one search. ``ahead``:
+        where a search ahead keeps what it found."""
+        gen, done = self._ahead_hits
+        looked = bool(done) and ahead is None  # searches were done ahead: count the lists they serve
+        use = looked and gen == self._index_gen
+        keys: list[tuple] = []
+        if use or ahead is not None:
+            ex = frozenset(excluded)
+            keys = [(v.tobytes(), limit, only, ex) for v in vectors]
+        got: list[Optional[list[Candidate]]] = [done.get(key) for key in keys] if use else [None] * len(vectors)
+        todo = [j for j, h in enumerate(got) if h is None]
+        if looked:
+            self.metrics.lookahead.labels("hit").inc(len(vectors) - len(todo))
+            self.metrics.lookahead.labels("miss").inc(len(todo))
+        if todo:
+            hits = await self._run(self.items.search, np.stack([vectors[j] for j in todo]), limit, only, excluded)
+            for j, h in zip(todo, hits, strict=True):
+                got[j] = h
+                if ahead is not None:
+                    ahead[keys[j]] = h
+        return got  # type: ignore[return-value]
+
+    def _look_ahead(self, after: dict[str, Profile]) -> None:
+        """Begin the index searches of the events held behind this batch (``upcoming``), to run
+        while this batch is ranked, published and written: their users' profiles as this batch
+        leaves them (``after``, copied now) or as stored, their events applied as the next batch
+        will apply them. What they find is used only by a search with exactly the same vector,
+        limit and filter, and only while the item index is not written; anything else is searched
+        as usual, so lists are the same with or without it."""
+        if self.upcoming is None or "text" in self.params.off:
+            return
+        upcoming = self.upcoming()
+        if not upcoming:
+            return
+        now = self.clock()
+        by_user: dict[str, list] = {}
+        for m in upcoming:
+            try:
+                e = parse_event(m.value, self.limits, now)
+            except InvalidMessage:
+                continue
+            by_user.setdefault(e.user_id, []).append((m, e))
+        if not by_user:
+            return
+        clones = {u: _clone(after[u]) for u in by_user if u in after}
+        self._searched = asyncio.get_running_loop().create_future()
+        self._ahead_task = asyncio.ensure_future(self._search_ahead(by_user, clones, self._searched))
+        self._ahead_task.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _search_ahead(self, by_user: dict[str, list], clones: dict[str, Profile], searched: asyncio.Future) -> None:
+        """:meth:`_look_ahead`'s searches; their hits replace the last ones once done."""
+        try:
+            others = [u for u in by_user if u not in clones]
+            stored = await self.profiles.load(others) if others else {}
+            items = await self.fetch_items([e.item_id for evs in by_user.values() for _, e in evs if isinstance(e, Click)])
+            texts = [e.text for evs in by_user.values() for _, e in evs if isinstance(e, Query)]
+            job = self._prefetched.get(tuple(texts)) if texts else None
+            qvecs: dict[str, np.ndarray] = {}
+            if job is not None:
+                vecs = await job
+                qvecs = {e.event_id: v for e, v in zip((e for evs in by_user.values() for _, e in evs
+                                                        if isinstance(e, Query)), vecs, strict=True)}
+            await searched  # this batch's own searches go first
+            version = self.encoder.version
+            answers: list[_Answer] = []
+            for u, evs in by_user.items():
+                prof = clones.get(u) or stored.get(u)
+                if (prof is None or prof.reset or (prof.encoder and prof.encoder != version)
+                        or any(isinstance(e, Click) and e.item_id not in items for _, e in evs)
+                        or any(isinstance(e, Query) and e.event_id not in qvecs for _, e in evs)):
+                    continue  # searched when its batch runs
+                answers.extend(a for a in self._apply_user(prof, evs, items, qvecs, Output()) if a is not None)
+            for a in answers:
+                a.vector = query_vector(a.profile, a.scene, self.params)
+            gen = self._index_gen
+            if self._index_writing or not answers:
+                return
+            hits: dict[tuple, list[Candidate]] = {}
+            await self._search(answers, self._plans(answers, {})[0], ahead=hits)
+            if self._index_gen == gen:
+                self._ahead_hits = (gen, hits)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - its batch searches as usual
+            log.debug("searching ahead failed; the next batch searches as usual", exc_info=True)
 
     async def _behaviour_read(self, answers: Sequence[_Answer], kinds: Sequence[str]
                               ) -> tuple[dict[str, tuple[dict[int, list[str]], dict[str, tuple[list[str], np.ndarray]]]],

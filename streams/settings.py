@@ -111,6 +111,8 @@ class Settings(BaseSettings):
         "small: extra BLAS threads spin after each one, on cores that the stores on the host could use")
     batch_max: int = Field(256, ge=1, description="largest micro-batch of events")
     batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
+    search_ahead: bool = Field(True, description="search the index for the events held behind the running batch "
+                               "while it runs (the same lists; it pays where the index, not the worker, is slower)")
     item_cache_size: int = Field(50_000, ge=0)
     item_cache_ttl_s: float = Field(60.0, ge=0)
     popularity_halflife_s: float = Field(6 * 3600.0, gt=0, description="popularity halves over this much event time")

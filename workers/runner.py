@@ -200,6 +200,10 @@ def stages_per_event(before: dict[str, float], after: dict[str, float]) -> dict[
     out["events"] = int(events)
     batches = after["streamrec_batches_total"] - before["streamrec_batches_total"]
     out["events_per_batch"] = round(events / max(batches, 1), 1)
+    # lists whose index search was done ahead, while the batch before theirs ran (Pipeline._look_ahead)
+    hit, miss = (after.get(f'streamrec_lookahead_searches_total{{outcome="{o}"}}', 0.0) -
+                 before.get(f'streamrec_lookahead_searches_total{{outcome="{o}"}}', 0.0) for o in ("hit", "miss"))
+    out["searched_ahead"] = round(hit / (hit + miss), 3) if hit + miss else 0.0
     return out
 
 

@@ -749,3 +749,77 @@ def test_query_texts_encoded_ahead_are_used_only_for_exactly_their_batch():
     samples = {s.labels["outcome"]: s.value for m in ahead.metrics.registry.collect()
                if m.name == "streamrec_query_prefetch" for s in m.samples if s.name.endswith("_total")}
     assert samples == {"hit": 1.0, "miss": 1.0}
+
+
+def _lookahead_events():
+    """Clicks, queries and a forget of a few users, each user in several consecutive batches."""
+    cats = ["jazz", "cooking", "travel", "jazz", "cooking"]
+    events = []
+    for n in range(42):
+        user = f"u{n % 4}"
+        if n == 20:  # forgotten in the middle of the stream, then clicking again
+            events.append({"type": "forget", "event_id": f"f{n}", "user_id": user, "timestamp": 1000.0 + n})
+        elif n % 9 == 4:
+            events.append({"type": "query", "event_id": f"q{n}", "user_id": user, "text": f"{cats[n % 5]} tonight",
+                           "timestamp": 1000.0 + n, "scene": "tv"})
+        else:
+            events.append(click(f"c{n}", user, items_of(cats[n % 5])[n % 7], scene="tv" if n % 3 else "mobile"))
+    return [events[i:i + 6] for i in range(0, len(events), 6)]
+
+
+def _ahead_counts(p):
+    return {o: p.metrics.lookahead.labels(o)._value.get() for o in ("hit", "miss")}
+
+
+async def _stream(p, batches, ahead, between=None):
+    """Each batch processed and committed in turn, with the next one held behind it (``ahead``)."""
+    lists, hits = [], []
+    for n, batch in enumerate(batches):
+        nxt = batches[n + 1] if ahead and n + 1 < len(batches) else None
+        p.upcoming = (lambda nxt=nxt: nxt) if nxt else None
+        if nxt:
+            p.prefetch(nxt)
+        out = await p.process_events(batch)
+        await p.commit(out)
+        if between and n in between:
+            await p.commit(await p.process_catalog(between[n]))
+        lists += [{k: v for k, v in r.items() if k != "produced_time"} for r in recs(out)]
+        hits.append(_ahead_counts(p)["hit"] - sum(hits))
+    return lists, hits
+
+
+@pytest.mark.parametrize("exclude_in_index", [64, 1])
+def test_searches_done_ahead_change_no_list_and_serve_the_next_batch(monkeypatch, exclude_in_index):
+    """The next batch's index searches, done while the batch before it runs from the profiles that
+    batch leaves, give every list exactly what its own search would (seen items over-fetched or
+    excluded in the index), and every list after the first batch takes its hits from them."""
+    import streams.pipeline
+
+    monkeypatch.setattr(streams.pipeline, "EXCLUDE_IN_INDEX", exclude_in_index)
+    batches = [msgs(b) for b in _lookahead_events()]
+    got = {}
+    for ahead in (False, True):
+        p = make_pipeline()
+        run_catalog(p, msgs(CATALOG, "catalog"))
+        lists, hits = asyncio.run(_stream(p, batches, ahead))
+        got[ahead] = (lists, hits, _ahead_counts(p))
+    assert got[True][0] == got[False][0]
+    assert got[False][2] == {"hit": 0, "miss": 0}
+    assert got[True][2]["miss"] == 0
+    assert got[True][1][0] == 0 and all(h >= len(b) for h, b in zip(got[True][1][1:], batches[1:]))
+
+
+def test_searches_done_ahead_are_not_used_once_the_item_index_is_written():
+    """A catalog write between a search done ahead and its batch: that batch searches again, and
+    its lists see the new item as they would without searching ahead."""
+    batches = [msgs(b) for b in _lookahead_events()[:3]]
+    new = {**next(it for it in CATALOG if it["category"] == "jazz"), "item_id": "jazz-new"}  # a twin of a clicked one
+    got = {}
+    for ahead in (False, True):
+        p = make_pipeline()
+        run_catalog(p, msgs(CATALOG, "catalog"))
+        between = {0: [RawMessage("catalog", 0, 10_000, None, json.dumps(new).encode())]}
+        got[ahead] = asyncio.run(_stream(p, batches, ahead, between))
+    assert got[True][0] == got[False][0]
+    assert any("jazz-new" in [i["item_id"] for i in r["items"]] for r in got[True][0])
+    assert got[True][1][1] == 0 and got[True][1][2] >= len(batches[2])  # the batch after the write searched itself
