@@ -1117,20 +1117,22 @@ class Pipeline:
         as usual, so lists are the same with or without it."""
         if self.upcoming is None or "text" in self.params.off:
             return
-        upcoming = self.upcoming()
-        if not upcoming:
+        try:
+            upcoming = self.upcoming()
+            now = self.clock()
+            by_user: dict[str, list] = {}
+            for m in upcoming:
+                try:
+                    e = parse_event(m.value, self.limits, now)
+                except InvalidMessage:
+                    continue
+                by_user.setdefault(e.user_id, []).append((m, e))
+            clones = {u: _clone(after[u]) for u in by_user if u in after}
+        except Exception:  # noqa: BLE001 - never the batch's failure: the next one searches as usual
+            log.debug("reading the events held behind the batch failed; nothing is searched ahead", exc_info=True)
             return
-        now = self.clock()
-        by_user: dict[str, list] = {}
-        for m in upcoming:
-            try:
-                e = parse_event(m.value, self.limits, now)
-            except InvalidMessage:
-                continue
-            by_user.setdefault(e.user_id, []).append((m, e))
         if not by_user:
             return
-        clones = {u: _clone(after[u]) for u in by_user if u in after}
         self._searched = asyncio.get_running_loop().create_future()
         self._ahead_task = asyncio.ensure_future(self._search_ahead(by_user, clones, self._searched))
         self._ahead_task.add_done_callback(lambda f: f.cancelled() or f.exception())

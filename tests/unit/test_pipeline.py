@@ -823,3 +823,26 @@ def test_searches_done_ahead_are_not_used_once_the_item_index_is_written():
     assert got[True][0] == got[False][0]
     assert any("jazz-new" in [i["item_id"] for i in r["items"]] for r in got[True][0])
     assert got[True][1][1] == 0 and got[True][1][2] >= len(batches[2])  # the batch after the write searched itself
+
+
+def test_a_failure_to_search_ahead_never_fails_a_batch(pipeline):
+    """What is held behind a batch cannot be read, or its searches fail: the batch runs as usual."""
+    batches = [msgs(b) for b in _lookahead_events()[:3]]
+
+    def broken():
+        raise RuntimeError("held events unreadable")
+
+    async def go():
+        lists = []
+        for n, batch in enumerate(batches):
+            pipeline.upcoming = broken if n == 0 else (lambda n=n: [*batches[n + 1], RawMessage("events", 0, 99, None, b"{")]
+                                                         if n + 1 < len(batches) else [])
+            out = await pipeline.process_events(batch)
+            await pipeline.commit(out)
+            lists += recs(out)
+        return lists
+
+    got = asyncio.run(go())
+    assert sorted(r["trigger_event_id"] for r in got) == sorted(e["event_id"] for b in _lookahead_events()[:3]
+                                                                for e in b if e["type"] != "forget")
+    assert _ahead_counts(pipeline)["hit"] > 0  # the bad message held behind is skipped, the rest searched
