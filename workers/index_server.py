@@ -7,8 +7,10 @@ included, and then keeps only the fields asked for (``Segment.row_to_dict``). Wi
 that was half of the server's CPU. A segment is immutable (one Parquet file), so
 :func:`fast_row_to_dict` reads the same values from columns converted once per segment, and the
 vector from the numpy matrix the segment already holds. The rows it gives are equal to the
-original's (a test compares them on a real Milvus Lite). It is installed only on the version it
-was written against; on any other the server runs as it comes.
+original's (a test compares them on a real Milvus Lite). Within a search
+(:func:`only_returned_fields`) it reads only the primary key and the fields the search returns.
+Both are installed only on the version they were written against; on any other the server runs
+as it comes.
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def only_returned_fields(search: Any) -> Any:
 
 
 def install() -> bool:
-    """Put :func:`fast_row_to_dict` in place on Milvus Lite :data:`PATCHED_VERSION`; False (and
-    Milvus Lite left as it is) on another version."""
+    """Put :func:`fast_row_to_dict` and :func:`only_returned_fields` in place on Milvus Lite
+    :data:`PATCHED_VERSION`; False (and Milvus Lite left as it is) on another version."""
     import milvus_lite
     from milvus_lite.storage import segment
 
