@@ -573,8 +573,7 @@ class Pipeline:
                 self._ahead_task = None
             raise
         finally:
-            if self._searched is not None and not self._searched.done():
-                self._searched.set_result(None)  # a batch with no search of its own
+            self._searches_done()  # also for a batch with no search of its own
 
     async def _process_events(self, batch: Sequence[RawMessage]) -> Output:
         out = Output()
@@ -1078,9 +1077,14 @@ class Pipeline:
             out.update(zip(idx, hits, strict=True))
 
         await asyncio.gather(*(search(key, idx) for key, idx in again.items()))
-        if ahead is None and self._searched is not None and not self._searched.done():
-            self._searched.set_result(None)  # the search ahead for the next batch may go now
+        if ahead is None:
+            self._searches_done()
         return out
+
+    def _searches_done(self) -> None:
+        """The running batch's own searches are done: the search ahead for the next batch may go."""
+        if self._searched is not None and not self._searched.done():
+            self._searched.set_result(None)
 
     async def _searched_rows(self, vectors: list[np.ndarray], limit: int, only: tuple[str, ...],
                              excluded: Collection[int], ahead: Optional[dict[tuple, list[Candidate]]]
