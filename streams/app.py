@@ -137,13 +137,14 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                   (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
 
     def consume(name: str, process: Callable[[Sequence[RawMessage]], Awaitable[Output]], again: bool = False,
-                prepare: Optional[Callable[[Sequence[RawMessage]], None]] = None):
+                prepare: Optional[Callable[[Sequence[RawMessage], bool], None]] = None):
         """An agent over ``process``. With ``again``, a batch whose lists may be out but whose effects
         are not applied is taken again as it was (:meth:`Pipeline.next_batch`): events held for a
         later batch wait, and events of that batch not yet held are waited for up to
         ``REDO_WAIT_S``. Events are taken from the stream while a batch runs (up to two batches
-        held); ``prepare`` is shown each full batch that waits behind the running one. With ``again``,
-        the pipeline sees the events held behind the running batch (``Pipeline.upcoming``)."""
+        held); ``prepare`` is shown the events held behind the running batch, and whether they are
+        a full batch (then they are exactly the next one). With ``again``, the pipeline sees the
+        events held behind the running batch (``Pipeline.upcoming``)."""
         async def agent(stream: faust.StreamT) -> None:
             agents[name] = "running"
             metrics.agent(name, True)
@@ -176,10 +177,12 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
             running: set[int] = set()  # ids of the held events in the batch that runs now
             arrived, room = asyncio.Event(), asyncio.Event()
 
-            def prepare_next() -> None:  # shows ``prepare`` the full batch behind the running one
+            def prepare_next() -> None:  # shows ``prepare`` the events held behind the running batch
+                if prepare is None or not running:
+                    return
                 waiting = [ev for ev in held if id(ev) not in running][: settings.batch_max]
-                if prepare is not None and running and len(waiting) == settings.batch_max:
-                    prepare(raw_of(waiting))
+                if waiting:
+                    prepare(raw_of(waiting), len(waiting) == settings.batch_max)
 
             async def read() -> None:
                 # The take generator is resumed as soon as a take is held, so the next events are

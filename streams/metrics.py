@@ -47,8 +47,8 @@ class Metrics:
         self.probes = Counter("streamrec_exclusion_probes", "Lists whose candidates came from the batch's first "
                               "plain search (hit), or from a second search that over-fetched by the seen set or "
                               "excluded it in the index (miss).", ["outcome"], registry=self.registry)
-        self.prefetched = Counter("streamrec_query_prefetch", "Events batches with queries whose texts were "
-                                  "encoded while the batch before them ran (hit), or only when they ran (miss).",
+        self.prefetched = Counter("streamrec_query_prefetch", "Query texts encoded while the batch before "
+                                  "theirs ran (hit), or only when it ran (miss).",
                                   ["outcome"], registry=self.registry)
         self.lookahead = Counter("streamrec_lookahead_searches", "Lists whose index search was done ahead, while "
                                  "the batch before theirs ran, with exactly the vector, limit and filter they "

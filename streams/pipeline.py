@@ -43,6 +43,7 @@ from schemas import (Click, DeadLetter, ForgetUser, InvalidMessage, ItemDelete, 
                      RecommendationRequest, parse_catalog, parse_event, parse_request)
 from schemas.recommendations import recommendations_json
 from schemas.validate import to_wire
+from streams.executors import LATER, PriorityExecutor
 from streams.metrics import Metrics, Timed
 from streams.stores import codec
 from streams.stores.items import ItemIndex, ItemRow
@@ -53,6 +54,8 @@ log = logging.getLogger("streamrec.pipeline")
 MODEL_VERSION = "streamrec-1"
 #: Seen sets at least this large are excluded in the item index instead of over-fetched.
 EXCLUDE_IN_INDEX = 64
+#: Encoder chunks encoded ahead and kept for the batches behind the running one (two batches' worth).
+PREFETCH_CHUNKS = 8
 #: Every list first takes its candidates from a plain search of (at most) this many times its
 #: limit; only where its seen items leave too few does it search again.
 PROBE = 1.5
@@ -446,13 +449,15 @@ class Pipeline:
         self.params, self.limits, self.k = params, limits, k
         self.cache = item_cache or ItemCache(50_000, 60.0)
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="streamrec-io")
-        self._encode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-encode")
+        # one encoder job at a time; a batch's own texts before those encoded ahead for the next
+        self._encode_executor = PriorityExecutor("streamrec-encode")
         self.clock = clock
         self.catalog_caught_up = catalog_caught_up
         self._next: dict[str, int] = {}  # per source, the offset after this worker's last batch
         self._redo: dict[str, int] = {}  # a batch to take again: per source, its last offset
         self._applied: dict[str, int] = {}  # per source, the published offset read with it
-        self._prefetched: dict[tuple[str, ...], asyncio.Future] = {}  # query texts -> their encoding, begun early
+        self._prefetched: dict[tuple[str, ...], asyncio.Future] = {}  # an encoder chunk's texts -> its encoding, begun early
+        self._query_texts: dict[tuple[str, int, int], Optional[str]] = {}  # a held message's query text, once parsed
         # The index searches of the batch expected next, done while this one runs (:meth:`_look_ahead`)
         self.upcoming: Optional[Callable[[], Sequence[RawMessage]]] = None  # the events held behind the batch
         self._index_gen = 0  # +1 at the start and at the end of every write to the item index
@@ -506,9 +511,7 @@ class Pipeline:
         """Encode catalog texts one encoder batch at a time: the encoder runs one job at a time, in
         order, so a query's text waits behind at most one catalog chunk, not a whole catalog batch.
         Chunks are the encoder's own batches, so the vectors are the same as in one call."""
-        step = max(1, int(getattr(self.encoder, "batch_size", 0) or 64))
-        parts = [await self._run(self.encoder.encode, texts[i:i + step], encoder=True)
-                 for i in range(0, len(texts), step)]
+        parts = [await self._run(self.encoder.encode, list(chunk), encoder=True) for chunk in self._chunks(texts)]
         return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), dtype=np.float32)
 
     async def _index_write(self, fn: Callable, *args: Any) -> None:
@@ -636,41 +639,68 @@ class Pipeline:
         self._learn(sequences, shown, weights, out)
         return out
 
-    def prefetch(self, batch: Sequence[RawMessage]) -> None:
-        """Start encoding the query texts of ``batch``, the events batch expected next, while the
-        current one runs. :meth:`process_events` takes the vectors only for exactly these texts in
-        this order (the same encoder call it would make, so the same vectors); otherwise, or if
-        the call failed, it encodes as usual. Only messages that spell ``"query"`` are parsed
-        here (a query spelled otherwise is encoded with its batch). At most two calls are kept."""
+    @property
+    def _encode_step(self) -> int:
+        """Texts per encoder call: the encoder's own batch, so chunks encode as one call would."""
+        return max(1, int(getattr(self.encoder, "batch_size", 0) or 64))
+
+    def prefetch(self, batch: Sequence[RawMessage], whole: bool = True) -> None:
+        """Start encoding the query texts of ``batch``, the events held for the next events batch,
+        while the current one runs, one encoder chunk at a time (the encoder's own batches, after
+        any text a running batch waits for). With ``whole`` the next batch is exactly ``batch``;
+        otherwise it may take more events, so only full chunks are begun. A batch takes a chunk's
+        vectors only for exactly its texts in that chunk, the encoder's own batch, so they are
+        the vectors its own call would give; otherwise, or if the call failed, it encodes them.
+        Only messages that spell ``"query"`` are parsed here (a query spelled otherwise is encoded
+        with its batch), each once."""
         now = self.clock()
+        if len(self._query_texts) > 4 * len(batch) + 1024:
+            self._query_texts.clear()
         texts = []
         for m in batch:
             if not m.value or b'"query"' not in m.value:  # not a query as clients write one: no parse
                 continue
-            try:
-                e = parse_event(m.value, self.limits, now)
-            except InvalidMessage:
+            at = (m.topic, m.partition, m.offset)
+            if at not in self._query_texts:
+                try:
+                    e = parse_event(m.value, self.limits, now)
+                except InvalidMessage:
+                    e = None
+                self._query_texts[at] = e.text if isinstance(e, Query) else None
+            if self._query_texts[at] is not None:
+                texts.append(self._query_texts[at])
+        step = self._encode_step
+        for start in range(0, len(texts) if whole else len(texts) - len(texts) % step, step):
+            key = tuple(texts[start:start + step])
+            if key in self._prefetched:
                 continue
-            if isinstance(e, Query):
-                texts.append(e.text)
-        key = tuple(texts)
-        if not texts or key in self._prefetched:
-            return
-        while len(self._prefetched) >= 2:  # their batches went otherwise
-            self._prefetched.pop(next(iter(self._prefetched))).cancel()
-        job = asyncio.ensure_future(self._run(self.encoder.encode, texts, encoder=True))
-        job.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is seen by its batch
-        self._prefetched[key] = job
+            while len(self._prefetched) >= PREFETCH_CHUNKS:  # their batches went otherwise
+                self._prefetched.pop(next(iter(self._prefetched))).cancel()
+            job = asyncio.wrap_future(self._encode_executor.submit_at(LATER, self.encoder.encode, list(key)))
+            job.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is seen by its batch
+            self._prefetched[key] = job
+
+    def _chunks(self, texts: Sequence[str]) -> list[tuple[str, ...]]:
+        step = self._encode_step
+        return [tuple(texts[i:i + step]) for i in range(0, len(texts), step)]
 
     async def _encode_queries(self, texts: list[str]) -> np.ndarray:
-        job = self._prefetched.pop(tuple(texts), None)
-        self.metrics.prefetched.labels("miss" if job is None else "hit").inc()
+        """The batch's query vectors: chunks encoded ahead (:meth:`prefetch`) where their texts are
+        exactly the chunk's, the other chunks now."""
+        jobs: list[Awaitable[np.ndarray]] = []
+        for chunk in self._chunks(texts):
+            job = self._prefetched.pop(chunk, None)
+            self.metrics.prefetched.labels("miss" if job is None else "hit").inc(len(chunk))
+            jobs.append(self._prefetched_or_now(job, chunk))
+        return np.concatenate(await asyncio.gather(*jobs))
+
+    async def _prefetched_or_now(self, job: Optional[asyncio.Future], chunk: tuple[str, ...]) -> np.ndarray:
         if job is not None:
             try:
                 return await job
             except Exception:  # noqa: BLE001 - encoded again below; its error, if any, raised there
                 log.debug("a prefetched query encoding failed; encoding again", exc_info=True)
-        return await self._run(self.encoder.encode, texts, encoder=True)
+        return await self._run(self.encoder.encode, list(chunk), encoder=True)
 
     def _learn(self, sequences: dict[str, list[tuple[RawMessage, Optional["_Answer"]]]],
                shown: dict[str, Impression], weights: np.ndarray, out: Output) -> None:
@@ -1125,12 +1155,15 @@ class Pipeline:
             upcoming = self.upcoming()
             now = self.clock()
             by_user: dict[str, list] = {}
+            queries: list[Query] = []  # in the order of the stream, as the next batch encodes them
             for m in upcoming:
                 try:
                     e = parse_event(m.value, self.limits, now)
                 except InvalidMessage:
                     continue
                 by_user.setdefault(e.user_id, []).append((m, e))
+                if isinstance(e, Query):
+                    queries.append(e)
             clones = {u: _clone(after[u]) for u in by_user if u in after}
         except Exception:  # noqa: BLE001 - never the batch's failure: the next one searches as usual
             log.debug("reading the events held behind the batch failed; nothing is searched ahead", exc_info=True)
@@ -1138,22 +1171,23 @@ class Pipeline:
         if not by_user:
             return
         self._searched = asyncio.get_running_loop().create_future()
-        self._ahead_task = asyncio.ensure_future(self._search_ahead(by_user, clones, self._searched))
+        self._ahead_task = asyncio.ensure_future(self._search_ahead(by_user, queries, clones, self._searched))
         self._ahead_task.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    async def _search_ahead(self, by_user: dict[str, list], clones: dict[str, Profile], searched: asyncio.Future) -> None:
+    async def _search_ahead(self, by_user: dict[str, list], queries: list[Query], clones: dict[str, Profile],
+                            searched: asyncio.Future) -> None:
         """:meth:`_look_ahead`'s searches; their hits replace the last ones once done."""
         try:
             others = [u for u in by_user if u not in clones]
             stored = await self.profiles.load(others) if others else {}
             items = await self.fetch_items([e.item_id for evs in by_user.values() for _, e in evs if isinstance(e, Click)])
-            texts = [e.text for evs in by_user.values() for _, e in evs if isinstance(e, Query)]
-            job = self._prefetched.get(tuple(texts)) if texts else None
-            qvecs: dict[str, np.ndarray] = {}
-            if job is not None:
-                vecs = await job
-                qvecs = {e.event_id: v for e, v in zip((e for evs in by_user.values() for _, e in evs
-                                                        if isinstance(e, Query)), vecs, strict=True)}
+            qvecs: dict[str, np.ndarray] = {}  # those of the chunks encoded ahead; the others' users wait
+            start = 0
+            for chunk in self._chunks([q.text for q in queries]):
+                job = self._prefetched.get(chunk)
+                if job is not None:
+                    qvecs.update(zip((q.event_id for q in queries[start:start + len(chunk)]), await job, strict=True))
+                start += len(chunk)
             await searched  # this batch's own searches go first
             version = self.encoder.version
             answers: list[_Answer] = []

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     blas_threads: int = Field(
         1, ge=0, description="BLAS threads of the worker's numpy; 0: the library's default. Its products are "
         "small: extra BLAS threads spin after each one, on cores that the stores on the host could use")
+    gc_young_threshold: int = Field(
+        50_000, ge=0, description="allocations between collections of the garbage collector's youngest generation "
+        "(Python's default is 700); 0 leaves the collector as Python sets it. The worker's objects are rarely cyclic: "
+        "with the default, collecting them took about a third of its CPU")
     batch_max: int = Field(256, ge=1, description="largest micro-batch of events")
     batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
     search_ahead: bool = Field(True, description="search the index for the events held behind the running batch "

@@ -204,6 +204,10 @@ def stages_per_event(before: dict[str, float], after: dict[str, float]) -> dict[
     hit, miss = (after.get(f'streamrec_lookahead_searches_total{{outcome="{o}"}}', 0.0) -
                  before.get(f'streamrec_lookahead_searches_total{{outcome="{o}"}}', 0.0) for o in ("hit", "miss"))
     out["searched_ahead"] = round(hit / (hit + miss), 3) if hit + miss else 0.0
+    # query texts encoded while the batch before theirs ran (Pipeline.prefetch)
+    hit, miss = (after.get(f'streamrec_query_prefetch_total{{outcome="{o}"}}', 0.0) -
+                 before.get(f'streamrec_query_prefetch_total{{outcome="{o}"}}', 0.0) for o in ("hit", "miss"))
+    out["queries_encoded_ahead"] = round(hit / (hit + miss), 3) if hit + miss else 0.0
     return out
 
 

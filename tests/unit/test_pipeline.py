@@ -748,7 +748,43 @@ def test_query_texts_encoded_ahead_are_used_only_for_exactly_their_batch():
     assert sorted(calls) == [[f"space robots {i}" for i in range(n)] for n in (3, 4)]
     samples = {s.labels["outcome"]: s.value for m in ahead.metrics.registry.collect()
                if m.name == "streamrec_query_prefetch" for s in m.samples if s.name.endswith("_total")}
-    assert samples == {"hit": 1.0, "miss": 1.0}
+    assert samples == {"hit": 6.0, "miss": 4.0}  # texts
+
+
+def test_query_chunks_encoded_ahead_of_a_batch_that_grows_are_used():
+    """Events held behind the running batch, fewer than a full batch: only whole encoder chunks
+    of their query texts are encoded ahead, and a batch that then takes more events uses those
+    chunks and encodes the rest itself, with the same lists as without any of it."""
+    def queries(n):
+        return [{"type": "query", "event_id": f"g{i}", "user_id": f"u{i % 4}", "text": f"jazz robots {i}",
+                 "timestamp": 1000.0} if i != 3 else click(f"g{i}", "u1", CATALOG[5]["item_id"]) for i in range(n)]
+
+    calls: list[list[str]] = []
+    plain, ahead = make_pipeline(), make_pipeline()
+    for p in (plain, ahead):
+        run_catalog(p, msgs(CATALOG, topic="catalog"))
+        p.encoder._target.batch_size = 2
+        inner = p.encoder._target.encode
+        p.encoder._target.encode = lambda texts, inner=inner: calls.append(list(texts)) or inner(texts)
+    batch = msgs(queries(9))  # 8 queries and a click
+    want = run_events(plain, batch)
+
+    async def grown():
+        ahead.prefetch(batch[:6], whole=False)  # queries 0, 1, 2, 4, 5: two whole chunks
+        out = await ahead.process_events(batch)
+        await ahead.commit(out)
+        return out
+
+    calls.clear()
+    got = asyncio.run(grown())
+    assert [json.loads(v)["items"] for _, v in got.recommendations] == \
+        [json.loads(v)["items"] for _, v in want.recommendations]
+    texts = [f"jazz robots {i}" for i in (0, 1, 2, 4, 5, 6, 7, 8)]
+    assert calls[:2] == [texts[0:2], texts[2:4]]  # ahead
+    assert sorted(calls[2:]) == [texts[4:6], texts[6:8]]  # by the batch, each text encoded once
+    samples = {s.labels["outcome"]: s.value for m in ahead.metrics.registry.collect()
+               if m.name == "streamrec_query_prefetch" for s in m.samples if s.name.endswith("_total")}
+    assert samples == {"hit": 4.0, "miss": 4.0}
 
 
 def _lookahead_events():

@@ -106,3 +106,24 @@ def test_blas_threads_are_limited_while_asked_and_left_alone_at_zero():
     assert blas_threads() == before
     with limit_blas_threads(0):
         assert blas_threads() == before
+
+
+def test_gc_tuning_raises_the_young_threshold_and_freezes_what_exists_or_leaves_python_alone():
+    import gc
+
+    from workers.worker import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(0)
+        assert gc.get_threshold() == before
+        kept: list = [[]]  # made before the tuning: frozen, never scanned again
+        assert any(o is kept for o in gc.get_objects())
+        tune_gc(50_000)
+        assert gc.get_threshold() == (50_000, 20, 100)
+        assert gc.get_freeze_count() > 0
+        assert gc.is_tracked(kept) and not any(o is kept for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    assert Settings().gc_young_threshold == 50_000
