@@ -54,7 +54,8 @@ log = logging.getLogger("streamrec.pipeline")
 MODEL_VERSION = "streamrec-1"
 #: Seen sets at least this large are excluded in the item index instead of over-fetched.
 EXCLUDE_IN_INDEX = 64
-#: Encoder chunks encoded ahead and kept for the batches behind the running one (two batches' worth).
+#: Encoder chunks encoded ahead and kept for the batches behind the running one: at least this
+#: many, and two batches' worth of the largest batch shown to :meth:`Pipeline.prefetch`.
 PREFETCH_CHUNKS = 8
 #: Every list first takes its candidates from a plain search of (at most) this many times its
 #: limit; only where its seen items leave too few does it search again.
@@ -458,6 +459,7 @@ class Pipeline:
         self._applied: dict[str, int] = {}  # per source, the published offset read with it
         self._prefetched: dict[tuple[str, ...], asyncio.Future] = {}  # an encoder chunk's texts -> its encoding, begun early
         self._query_texts: dict[tuple[str, int, int], Optional[str]] = {}  # a held message's query text, once parsed
+        self._prefetch_keep = PREFETCH_CHUNKS  # chunks kept encoded ahead, at most
         # The index searches of the batch expected next, done while this one runs (:meth:`_look_ahead`)
         self.upcoming: Optional[Callable[[], Sequence[RawMessage]]] = None  # the events held behind the batch
         self._index_gen = 0  # +1 at the start and at the end of every write to the item index
@@ -670,11 +672,12 @@ class Pipeline:
             if self._query_texts[at] is not None:
                 texts.append(self._query_texts[at])
         step = self._encode_step
+        self._prefetch_keep = max(self._prefetch_keep, 2 * -(-len(batch) // step))
         for start in range(0, len(texts) if whole else len(texts) - len(texts) % step, step):
             key = tuple(texts[start:start + step])
             if key in self._prefetched:
                 continue
-            while len(self._prefetched) >= PREFETCH_CHUNKS:  # their batches went otherwise
+            while len(self._prefetched) >= self._prefetch_keep:  # their batches went otherwise
                 self._prefetched.pop(next(iter(self._prefetched))).cancel()
             job = asyncio.wrap_future(self._encode_executor.submit_at(LATER, self.encoder.encode, list(key)))
             job.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is seen by its batch

@@ -787,6 +787,25 @@ def test_query_chunks_encoded_ahead_of_a_batch_that_grows_are_used():
     assert samples == {"hit": 4.0, "miss": 4.0}
 
 
+def test_a_large_batch_keeps_every_chunk_encoded_ahead():
+    """More encoder chunks wait than the default keeps (batches larger than 256 events): every
+    chunk of the batch behind the running one stays encoded ahead for it."""
+    p = make_pipeline()
+    run_catalog(p, msgs(CATALOG, topic="catalog"))
+    p.encoder._target.batch_size = 2
+    batch = msgs([{"type": "query", "event_id": f"big{i}", "user_id": f"u{i % 5}", "text": f"jazz night {i}",
+                   "timestamp": 1000.0} for i in range(30)])  # 15 chunks
+
+    async def go():
+        p.prefetch(batch)
+        return await p.process_events(batch)
+
+    assert len(asyncio.run(go()).recommendations) == 30
+    samples = {s.labels["outcome"]: s.value for m in p.metrics.registry.collect()
+               if m.name == "streamrec_query_prefetch" for s in m.samples if s.name.endswith("_total")}
+    assert samples == {"hit": 30.0, "miss": 0.0}
+
+
 def _lookahead_events():
     """Clicks, queries and a forget of a few users, each user in several consecutive batches."""
     cats = ["jazz", "cooking", "travel", "jazz", "cooking"]
