@@ -177,12 +177,15 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
             running: set[int] = set()  # ids of the held events in the batch that runs now
             arrived, room = asyncio.Event(), asyncio.Event()
 
+            def waiting() -> list:  # the held events behind the running batch, at most a batch of them
+                return [ev for ev in held if id(ev) not in running][: settings.batch_max]
+
             def prepare_next() -> None:  # shows ``prepare`` the events held behind the running batch
                 if prepare is None or not running:
                     return
-                waiting = [ev for ev in held if id(ev) not in running][: settings.batch_max]
-                if waiting:
-                    prepare(raw_of(waiting), len(waiting) == settings.batch_max)
+                behind = waiting()
+                if behind:
+                    prepare(raw_of(behind), len(behind) == settings.batch_max)
 
             async def read() -> None:
                 # The take generator is resumed as soon as a take is held, so the next events are
@@ -196,7 +199,7 @@ def create_app(settings: Settings, pipeline: Optional[Pipeline] = None) -> faust
                         await room.wait()
 
             if again and settings.search_ahead:  # the events batch: its searches begin while the one before it runs
-                pipeline.upcoming = lambda: raw_of([ev for ev in held if id(ev) not in running][: settings.batch_max])
+                pipeline.upcoming = lambda: raw_of(waiting())
             reader = asyncio.ensure_future(read())
             try:
                 waiting_since: Optional[float] = None

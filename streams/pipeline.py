@@ -673,8 +673,10 @@ class Pipeline:
                 texts.append(self._query_texts[at])
         step = self._encode_step
         self._prefetch_keep = max(self._prefetch_keep, 2 * -(-len(batch) // step))
-        for start in range(0, len(texts) if whole else len(texts) - len(texts) % step, step):
-            key = tuple(texts[start:start + step])
+        chunks = self._chunks(texts)
+        if not whole and chunks and len(chunks[-1]) < step:  # the next batch may add to it
+            chunks.pop()
+        for key in chunks:
             if key in self._prefetched:
                 continue
             while len(self._prefetched) >= self._prefetch_keep:  # their batches went otherwise
