@@ -106,22 +106,29 @@ def test_installed_only_on_the_version_it_was_written_for(monkeypatch):
     assert collection.project_record is not project and collection.execute_search_with_index.__name__ == "execute"
 
 
+def _schema(dim: int, *extra):
+    """The item index's fields that filters read (key, vector, category, availability, catalog
+    number), and ``extra`` ones."""
+    from milvus_lite.schema.types import CollectionSchema, DataType, FieldSchema
+
+    return CollectionSchema(fields=[
+        FieldSchema("item_id", DataType.VARCHAR, is_primary=True, max_length=64),
+        FieldSchema("vector", DataType.FLOAT_VECTOR, dim=dim),
+        FieldSchema("category", DataType.VARCHAR, max_length=64),
+        FieldSchema("available", DataType.BOOL),
+        FieldSchema("no", DataType.INT64),
+        *extra,
+    ])
+
+
 def _collection(tmp_path, index: bool):
     """A real in-process Milvus Lite collection whose rows sit in two segments and the memtable,
     with keys written again (in a later segment and in the memtable) and deleted (flushed and
     not): every case of which row holds a key's newest version."""
     from milvus_lite.db import MilvusLite
-    from milvus_lite.schema.types import CollectionSchema, DataType, FieldSchema
 
     db = MilvusLite(str(tmp_path / "db"))
-    schema = CollectionSchema(fields=[
-        FieldSchema("item_id", DataType.VARCHAR, is_primary=True, max_length=64),
-        FieldSchema("vector", DataType.FLOAT_VECTOR, dim=8),
-        FieldSchema("category", DataType.VARCHAR, max_length=64),
-        FieldSchema("available", DataType.BOOL),
-        FieldSchema("no", DataType.INT64),
-    ])
-    col = db.create_collection("items", schema)
+    col = db.create_collection("items", _schema(8))
     if index:
         col.create_index("vector", {"index_type": "FLAT", "metric_type": "IP", "params": {}})
     col.load()
@@ -193,17 +200,10 @@ def test_a_search_finds_what_milvus_lites_own_executor_finds(tmp_path, monkeypat
 
 
 def test_the_filter_is_evaluated_over_numpy_columns_as_milvus_lite_evaluates_it():
-    from milvus_lite.schema.types import CollectionSchema, DataType, FieldSchema
+    from milvus_lite.schema.types import DataType, FieldSchema
     from milvus_lite.search.filter import compile_filter, evaluate_mask
 
-    schema = CollectionSchema(fields=[
-        FieldSchema("item_id", DataType.VARCHAR, is_primary=True, max_length=64),
-        FieldSchema("vector", DataType.FLOAT_VECTOR, dim=2),
-        FieldSchema("category", DataType.VARCHAR, max_length=64),
-        FieldSchema("available", DataType.BOOL),
-        FieldSchema("no", DataType.INT64),
-        FieldSchema("ts", DataType.DOUBLE),
-    ])
+    schema = _schema(2, FieldSchema("ts", DataType.DOUBLE))
     n = 40
     table = pa.table({"item_id": [f"i{i}" for i in range(n)], "category": ["xyz"[i % 3] for i in range(n)],
                       "available": [i % 4 != 1 for i in range(n)], "no": list(range(n)),
