@@ -37,15 +37,16 @@ log = logging.getLogger("streamrec.index_server")
 #: the Milvus Lite release whose ``Segment.row_to_dict`` :func:`fast_row_to_dict` replaces
 PATCHED_VERSION = "3.2.2"
 
-# id(table) -> (a weak reference to it, the readers of its columns made so far, by name)
-_columns: dict[int, tuple[Any, dict[str, Any]]] = {}
+# id(table) -> (a weak reference to it, what was worked out of it so far: the readers of its
+# columns by name, the names a search's hit reads by wanted fields, numpy columns by ("numpy", name))
+_columns: dict[int, tuple[Any, dict[Any, Any]]] = {}
 # the fields a search running in this thread returns (``wanted.fields``; None: every field)
 wanted = threading.local()
 
 
-def _converted(table: Any) -> dict[str, Any]:
-    """The readers of ``table``'s columns made so far, by name (:func:`_reader`; filled by the
-    caller), kept while the table lives."""
+def _converted(table: Any) -> dict[Any, Any]:
+    """What was worked out of ``table`` so far (see ``_columns``; filled by the callers), kept
+    while the table lives."""
     key = id(table)
     got = _columns.get(key)
     if got is None or got[0]() is not table:
@@ -182,39 +183,31 @@ def _newest_of(segments: tuple) -> Optional[_Newest]:
     return got
 
 
-# id(table) -> (a weak reference to it, numpy columns by name; None where a column has nulls)
-_arrays: dict[int, tuple[Any, dict[str, Any]]] = {}
-
-
 def _column(table: Any, name: str) -> Any:
     """Column ``name`` of an immutable table as a numpy array (objects for strings), converted
-    once; :class:`_Unsupported` for a column with nulls or a type other than numbers, booleans
-    and strings."""
+    once and kept beside the row readers (:func:`_converted`); :class:`_Unsupported` for a column
+    with nulls or a type other than numbers, booleans and strings."""
     import numpy as np
     import pyarrow as pa
 
-    key = id(table)
-    got = _arrays.get(key)
-    if got is None or got[0]() is not table:
-        got = (weakref.ref(table, lambda _ref, key=key: _arrays.pop(key, None)), {})
-        _arrays[key] = got
-    cols = got[1]
-    if name not in cols:
+    cols = _converted(table)
+    key = ("numpy", name)
+    if key not in cols:
         if name not in table.schema.names:
             raise _Unsupported(name)
         col = table.column(name)
         t = col.type
         if col.null_count:
-            cols[name] = None
+            cols[key] = None
         elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
-            cols[name] = col.to_numpy()
+            cols[key] = col.to_numpy()
         elif pa.types.is_string(t) or pa.types.is_large_string(t):
-            cols[name] = np.array(col.to_pylist() + [None], dtype=object)[:-1]  # never a 2-D array
+            cols[key] = np.array(col.to_pylist() + [None], dtype=object)[:-1]  # never a 2-D array
         else:
-            cols[name] = None
-    if cols[name] is None:
+            cols[key] = None
+    if cols[key] is None:
         raise _Unsupported(name)
-    return cols[name]
+    return cols[key]
 
 
 _COMPARE = {"==": "__eq__", "!=": "__ne__", "<": "__lt__", "<=": "__le__", ">": "__gt__", ">=": "__ge__"}
@@ -280,8 +273,6 @@ def _top(vectors: Any, queries: Any, top_k: int, valid: Any, metric: str) -> tup
     # by inner product, rows times queries: the same values as Milvus Lite's queries times rows
     # (the negated products), at two thirds of the time
     d = -(vectors @ queries.T).T if metric == "IP" else compute_distances(queries, vectors, metric)
-    if d.ndim == 1:
-        d = d.reshape(1, -1)
     if valid is not None:
         d = d[:, rows]
     k = min(top_k, rows.size)
@@ -296,7 +287,8 @@ def _top(vectors: Any, queries: Any, top_k: int, valid: Any, metric: str) -> tup
 def flat_search(search: Any) -> Any:
     """Milvus Lite's search executor (``execute_search_with_index``) with the same answer, at a
     small fixed cost: see the module's docstring. Searches it does not cover (partitions, a
-    segment holding a key twice, an index other than the flat one) go to ``search``."""
+    segment holding a key twice, an index other than the flat one, no projection of the hits,
+    which ``Collection.search`` always passes) go to ``search``."""
     def execute(query_vectors: Any, segments: Any, memtable: Any, delta_index: Any, top_k: int, metric_type: str,
                 pk_field: str, vector_field: str, partition_names: Any = None, compiled_filter: Any = None,
                 output_fields: Any = None, indexed_filter_plan: Any = None, project_record_fn: Any = None,
@@ -319,7 +311,7 @@ def flat_search(search: Any) -> Any:
         deletes = getattr(delta_index, "_map", None)
         segs = tuple(s for s in segments if s.num_rows > 0)
         flat = all(type(s.indexes.get(vector_field, None)) in (type(None), BruteForceIndex) for s in segs)
-        if partition_names or deletes is None or not flat or query_vectors.ndim != 2:
+        if partition_names or deletes is None or not flat or project_record_fn is None:
             return search(**general)
         if nq == 0 or top_k <= 0:
             return [[] for _ in range(nq)]
@@ -403,17 +395,6 @@ def flat_search(search: Any) -> Any:
             sources.append(mt_pks)
             recall(len(segs), mt_vecs, valid, None)
 
-        if project_record_fn is not None:
-            project = project_record_fn
-        elif output_fields is None:
-            def project(record: dict) -> dict:
-                return {k: v for k, v in record.items() if k != pk_field and k != vector_field}
-        else:
-            keep = set(output_fields) - {pk_field}
-
-            def project(record: dict) -> dict:
-                return {k: record[k] for k in keep if k in record}
-
         results = []
         if found:
             lids = np.concatenate([ids for ids, _, _ in found], axis=1)
@@ -430,7 +411,7 @@ def flat_search(search: Any) -> Any:
                 else:
                     record = memtable.materialize_row(*mt_row_refs[lid])
                 pk = record[pk_field] if pk_field in record else sources[source][lid]
-                hits.append({"id": pk, "distance": dist, "entity": project(record)})
+                hits.append({"id": pk, "distance": dist, "entity": project_record_fn(record)})
             results.append(hits)
         results += [[] for _ in range(nq - len(results))]
         return results
