@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator, Optional, TypeVar
 
@@ -20,8 +22,39 @@ def transient(exc: BaseException) -> bool:
     module = type(exc).__module__
     if module.startswith(("pymilvus", "grpc")):
         return not milvus_permanent(exc)
-    return (module.startswith("redis") and name in ("ConnectionError", "TimeoutError", "BusyLoadingError",
-                                                     "TryAgainError", "ClusterDownError")) or name == "ConflictError"
+    if module.startswith("redis") and name in ("ConnectionError", "TimeoutError", "BusyLoadingError",
+                                               "TryAgainError", "ClusterDownError"):
+        return True
+    return name == "ConflictError" or redis_connection_race(exc)
+
+
+def redis_connection_race(exc: BaseException) -> bool:
+    """redis-py's asyncio client raised on a connection that a concurrent task had just closed.
+
+    While a Redis Cluster fails over, the cluster client closes the connections of a node that is
+    gone while other tasks are still writing on them; the writer then finds the connection's
+    stream gone (``'NoneType' object has no attribute 'writelines'``, redis-py issues #3546 and
+    #3835). The closed connection is opened again on the next try, so the call is worth retrying.
+    Only an ``AttributeError`` or ``TypeError`` about ``None`` raised inside redis-py's asyncio
+    client counts: the same error in our code is a bug, and propagates.
+    """
+    if not isinstance(exc, (AttributeError, TypeError)) or "NoneType" not in str(exc):
+        return False
+    redis = sys.modules.get("redis")
+    if redis is None or redis.__file__ is None:
+        return False
+    client = os.path.join(os.path.dirname(redis.__file__), "asyncio") + os.sep
+    library = (os.path.dirname(redis.__file__) + os.sep, os.path.dirname(asyncio.__file__) + os.sep)
+    inside = False  # from redis-py's asyncio client down, only redis-py's frames and asyncio's
+    tb = exc.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename
+        if path.startswith(client):
+            inside = True
+        elif inside and not path.startswith(library):
+            return False
+        tb = tb.tb_next
+    return inside
 
 
 #: Milvus answers that no retry changes: collection not found (100), invalid parameter (1100),

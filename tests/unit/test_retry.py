@@ -94,3 +94,44 @@ def test_milvus_errors_that_no_retry_fixes_are_not_transient():
     assert not transient(MilvusException(100, "collection not found[collection=c]"))
     assert not transient(MilvusException(1100, "invalid parameter")) and not transient(ParamError(message="bad"))
     assert not transient(RpcError("PERMISSION_DENIED"))
+
+
+def test_a_redis_connection_closed_under_a_writer_is_retried_and_a_bug_of_ours_is_not():
+    """A cluster failover closes a node's connections while tasks still write on them; redis-py's
+    writer then finds the stream gone. That error, raised inside redis-py, is retried; the same
+    error raised by our code, even when redis-py called it, is a bug and propagates."""
+    from redis.asyncio.connection import Connection
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    async def write_on_a_closed_connection() -> BaseException:
+        try:
+            await Connection()._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])  # as after disconnect()
+        except AttributeError as exc:
+            return exc
+        raise AssertionError("a closed connection wrote")
+
+    race = asyncio.run(write_on_a_closed_connection())
+    assert "NoneType" in str(race) and "writelines" in str(race)
+    assert transient(race)
+
+    def ours() -> None:
+        stream = None
+        stream.writelines([b"x"])  # type: ignore[attr-defined]
+
+    with pytest.raises(AttributeError) as direct:
+        ours()
+    assert not transient(direct.value)
+
+    async def ours_under_redis() -> BaseException:
+        async def do():
+            ours()
+        try:
+            await Retry(NoBackoff(), 0).call_with_retry(do, lambda _e: None)
+        except AttributeError as exc:
+            return exc
+        raise AssertionError("no error")
+
+    called_back = asyncio.run(ours_under_redis())
+    assert "NoneType" in str(called_back) and not transient(called_back)
+    assert not transient(AttributeError("'dict' object has no attribute 'x'"))
