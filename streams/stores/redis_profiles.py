@@ -719,6 +719,24 @@ class RedisProfileStore(ProfileStore):
             at += size
         return out
 
+    async def transitions_arrays(self, item_ids: Sequence[str], n: int) -> dict[str, tuple[list[str], np.ndarray]]:
+        # normalised_transitions' weights computed as arrays: each row's best n by (-weight, id)
+        item_ids = list(dict.fromkeys(item_ids))
+        read = await self._partner_read("tr:", item_ids, n) if item_ids and n > 0 else None
+        out: dict[str, tuple[list[str], np.ndarray]] = {a: ([], np.zeros(0)) for a in item_ids}
+        if read is None:
+            return out
+        cols, counts, scale = read
+        for a, (ids, vals) in cols.items():
+            ca = counts.get(a, 0.0)
+            if not ids or ca <= 0:
+                continue
+            weight = vals * scale.get(self._shard(a), 0.0) / ca
+            if len(ids) > n:
+                ids, weight = _best(ids, weight, n)
+            out[a] = (ids, weight)
+        return out
+
     async def item_clicks(self, item_ids: Sequence[str], at: float) -> dict[str, float]:
         by_shard: dict[int, list[str]] = {}
         for i in dict.fromkeys(item_ids):
@@ -925,6 +943,16 @@ def _joined_row(reply: Any) -> tuple[list[str], np.ndarray]:
     if not ids:
         return [], np.zeros(0)
     return ids.decode("utf-8", "surrogateescape").split("\udcff"), np.frombuffer(scores, dtype="<f8").astype(np.float64)
+
+
+def _best(ids: list[str], weight: np.ndarray, n: int) -> tuple[list[str], np.ndarray]:
+    """The ``n`` best of a row by (-weight, id), in any order: every weight above the n-th, then
+    the first of those equal to it by id."""
+    nth = np.partition(weight, len(weight) - n)[len(weight) - n]
+    above = np.flatnonzero(weight > nth)
+    tied = sorted(np.flatnonzero(weight == nth).tolist(), key=ids.__getitem__)[: n - len(above)]
+    keep = np.concatenate([above, np.array(tied, dtype=np.int64)])
+    return [ids[j] for j in keep.tolist()], weight[keep]
 
 
 def _scored(reply: Any) -> list[tuple[str, float]]:

@@ -307,6 +307,8 @@ def test_the_best_steps_of_a_long_row_are_those_of_the_whole_row(url):
         assert [b for b, _ in full] == ["x1", "x2", "x3", "x4", "x5", "x6"]
         for n in range(1, 7):
             assert (await store.transitions(["s"], n))["s"] == full[:n]
+            ids, weights = (await store.transitions_arrays(["s"], n))["s"]
+            assert dict(zip(ids, weights.tolist())) == dict(full[:n])  # the same ties broken by id
     run(url, go, StoreOptions(shards=4, popularity_halflife_s=1e9, cooccur_halflife_s=1e9, cooccur_keep=10))
 
 
@@ -322,7 +324,7 @@ def test_partner_arrays_hold_exactly_the_partners_and_weights_of_the_rows(url):
                   float(rng.randint(0, 7200))) for n in range(300)]
         await store.apply(clicks(*specs))
         asked = items + ["never-clicked"]
-        for n in (0, 3):
+        for n in (0, 1, 3):
             for lists, arrays in ((store.cooccurring, store.cooccurring_arrays),
                                   (store.transitions, store.transitions_arrays)):
                 want, got = await lists(asked, n), await arrays(asked, n)
