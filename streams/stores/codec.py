@@ -40,18 +40,30 @@ class CorruptProfile(ValueError):
     """A stored record that is not a profile this code can read; the message says why."""
 
 
+_STRUCTS: dict[str, struct.Struct] = {}
+_LENGTH = [bytes([n]) for n in range(255)]  # a short string's length byte
+
+
+def _struct(fmt: str) -> struct.Struct:
+    """The little-endian ``fmt``, compiled once."""
+    got = _STRUCTS.get(fmt)
+    if got is None:
+        got = _STRUCTS[fmt] = struct.Struct("<" + fmt)
+    return got
+
+
 class _W:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
 
     def pack(self, fmt: str, *v) -> None:
-        self.parts.append(struct.pack("<" + fmt, *v))
+        self.parts.append(_struct(fmt).pack(*v))
 
     def str(self, s: Optional[str]) -> None:
         b = (s or "").encode()
         if len(b) > 65535:  # cut, never inside a UTF-8 sequence
             b = b[:65535].decode("utf-8", "ignore").encode()
-        self.parts.append((bytes([len(b)]) if len(b) < 255 else b"\xff" + struct.pack("<H", len(b))) + b)
+        self.parts.append((_LENGTH[len(b)] if len(b) < 255 else b"\xff" + struct.pack("<H", len(b))) + b)
 
     def vec(self, v: Optional[np.ndarray]) -> None:
         if v is None:
@@ -67,7 +79,7 @@ class _R:
         self.b, self.i = b, 0
 
     def unpack(self, fmt: str):
-        s = struct.Struct("<" + fmt)
+        s = _struct(fmt)
         v = s.unpack_from(self.b, self.i)
         self.i += s.size
         return v
@@ -76,11 +88,16 @@ class _R:
         return self.unpack(fmt)[0]
 
     def str(self) -> str:
-        n = self.b[self.i]
-        self.i += 1
+        b, i = self.b, self.i
+        n = b[i]
+        i += 1
         if n == 255:
-            n = self.one("H")
-        return self.take(n).decode()
+            n = b[i] | b[i + 1] << 8
+            i += 2
+        if i + n > len(b):
+            raise CorruptProfile("record ends early")
+        self.i = i + n
+        return b[i:i + n].decode()
 
     def take(self, n: int) -> bytes:
         if self.i + n > len(self.b):
