@@ -21,6 +21,7 @@ same without the impression) is read as having none.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Iterator, Optional
 
@@ -40,16 +41,13 @@ class CorruptProfile(ValueError):
     """A stored record that is not a profile this code can read; the message says why."""
 
 
-_STRUCTS: dict[str, struct.Struct] = {}
 _LENGTH = [bytes([n]) for n in range(255)]  # a short string's length byte
 
 
+@functools.cache
 def _struct(fmt: str) -> struct.Struct:
     """The little-endian ``fmt``, compiled once."""
-    got = _STRUCTS.get(fmt)
-    if got is None:
-        got = _STRUCTS[fmt] = struct.Struct("<" + fmt)
-    return got
+    return struct.Struct("<" + fmt)
 
 
 class _W:
