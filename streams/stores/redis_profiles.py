@@ -33,7 +33,7 @@ from models.learning import FEATURES, MODEL_ID
 from models.profile import Profile
 from streams.stores import codec
 from streams.stores.profiles import (DELIVERY_STATS, STAT_FIELDS, Effects, ProfileStore, StoreOptions, Write,
-                                     normalised_cooccurrence, normalised_transitions, shard_of,
+                                     normalised_cooccurrence, shard_of,
                                      transition_weights)
 
 log = logging.getLogger("streamrec.store")
@@ -628,11 +628,9 @@ class RedisProfileStore(ProfileStore):
         nums = await self._number(keys=[self.cat_key("no"), self.cat_key("m")], args=ids)
         return {i: int(n) for i, n in zip(ids, nums, strict=True)}
 
-    async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
-        return await self._partners("co:", item_ids, n)
-
     async def transitions(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
-        return await self._partners("tr:", item_ids, n)
+        return {a: [(b, -v) for v, b in sorted(zip((-weights).tolist(), ids))]  # by (-weight, id)
+                for a, (ids, weights) in (await self.transitions_arrays(item_ids, n)).items()}
 
     async def _partner_read(self, kind: str, item_ids: list[str], n: int) -> Optional[tuple[
             dict[str, tuple[list[str], np.ndarray]], dict[str, float], dict[int, float]]]:
@@ -672,11 +670,11 @@ class RedisProfileStore(ProfileStore):
                 counts.update(zip(itertools.compress(by_shard[k], known.tolist()), (vals[known] * scale[k]).tolist()))
         return rows, counts, scale
 
-    async def _partners(self, kind: str, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
+    async def cooccurring(self, item_ids: Sequence[str], n: int) -> dict[str, list[tuple[str, float]]]:
         item_ids = list(dict.fromkeys(item_ids))
         if not item_ids:
             return {}
-        read = await self._partner_read(kind, item_ids, n)
+        read = await self._partner_read("co:", item_ids, n)
         if read is None:
             return {a: [] for a in item_ids}
         cols, counts, scale = read
@@ -684,8 +682,6 @@ class RedisProfileStore(ProfileStore):
         for a, (ids, vals) in cols.items():
             f = scale.get(self._shard(a), 0.0)
             rows[a] = list(zip(ids, (vals * f).tolist()))
-        if kind == "tr:":
-            return normalised_transitions(rows, counts, n)
         return normalised_cooccurrence(rows, counts, n)
 
     async def cooccurring_arrays(self, item_ids: Sequence[str], n: int) -> dict[str, tuple[list[str], np.ndarray]]:
