@@ -46,7 +46,8 @@ class ModelParams:
     cooccur_sources: int = 10  # the user's last clicks whose co-clicked items become candidates
     cooccur_fanout: int = 0  # co-clicked items read per source (0: every partner the store keeps)
     diversity: float = 0.02  # penalty per item of the same category already in the list
-    oversample: int = 1  # candidates per slot in the list that each source (text, co-clicks, steps, popular) adds
+    oversample: int = 1  # candidates per slot in the list that text and popularity each add
+    behaviour_oversample: int = 3  # candidates per slot that co-clicks and steps each add (their rows are read anyway)
     history_size: int = 20
     max_scenes: int = 4  # scene vectors kept per user (the most recently used)
     max_interests: int = 24  # category logits kept per user (the strongest)

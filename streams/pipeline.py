@@ -1248,8 +1248,8 @@ class Pipeline:
         clicks (``kind`` "cooccur"), or clicked right after the last ``transition_sources`` ones,
         the nearest weighing most ("transitions"), from :meth:`_behaviour_read`. Each item's
         summed score and the title of the click that gives it most go into ``signals``; the best
-        ``k * oversample`` join the candidates (``results``; ranking takes their cosines from their
-        vectors)."""
+        ``k * behaviour_oversample`` join the candidates (``results``; ranking takes their cosines
+        from their vectors)."""
         p = self.params
         co = kind == "cooccur"
         # per source: its partners' catalog numbers and scores, as arrays
@@ -1296,7 +1296,7 @@ class Pipeline:
                 ids_by_no = {c.no: y for y, c in known.items()}
             seen = a.profile.seen.all if isinstance(a.profile.seen, _SeenView) else a.profile.seen
             exclude = a.exclude
-            n = a.k * p.oversample
+            n = a.k * p.behaviour_oversample
             taken: list[tuple[float, str]] = []
             values = sums.tolist()
             for j in np.argsort(-sums).tolist():

@@ -901,3 +901,38 @@ def test_a_failure_to_search_ahead_never_fails_a_batch(pipeline):
     assert sorted(r["trigger_event_id"] for r in got) == sorted(e["event_id"] for b in _lookahead_events()[:3]
                                                                 for e in b if e["type"] != "forget")
     assert _ahead_counts(pipeline)["hit"] > 0  # the bad message held behind is skipped, the rest searched
+
+
+def test_co_clicks_add_behaviour_oversample_candidates_per_slot(monkeypatch):
+    """Co-clicked items join a list's candidates ``k * behaviour_oversample`` deep, the best by
+    their summed co-click score (then by id)."""
+    import streams.pipeline
+
+    items = [it["item_id"] for it in CATALOG]
+    seen_by_rank: dict[str, tuple[set[str], dict[str, float]]] = {}
+    real_rank = streams.pipeline.rank_many
+
+    def spy(jobs, *args, **kw):
+        for job in jobs:
+            job.candidates = list(job.candidates)
+            seen_by_rank[job.profile.user_id] = ({c.item_id for c in job.candidates},
+                                                 {i: job.signals.cooccur.get(i, 0.0) for i in items})
+        return real_rank(jobs, *args, **kw)
+
+    monkeypatch.setattr(streams.pipeline, "rank_many", spy)
+    anchor, partners = items[0], items[1:41]
+    # partner n is clicked after the anchor by n % 6 + 1 users: 40 partners of six strengths
+    crowd = [e for n, y in enumerate(partners) for m in range(n % 6 + 1)
+             for e in (click(f"a{n}-{m}", f"c{n}-{m}", anchor), click(f"p{n}-{m}", f"c{n}-{m}", y))]
+    taken = {}
+    for over in (1, 3):
+        p = make_pipeline(behaviour_oversample=over, signals_off="text,popularity")
+        run_catalog(p, msgs(CATALOG, "catalog"))
+        run_events(p, msgs(crowd))
+        run_events(p, msgs([click(f"u-{over}", "u", anchor)]))
+        got, sums = seen_by_rank["u"]
+        best = sorted((i for i in items if sums[i] > 0), key=lambda i: (-sums[i], i))
+        assert len(best) == 40
+        taken[over] = got
+        assert got == set(best[:5 * over])  # k = 5; text and popularity add none here
+    assert taken[1] < taken[3]
