@@ -904,19 +904,19 @@ def test_a_failure_to_search_ahead_never_fails_a_batch(pipeline):
 
 
 def test_co_clicks_add_behaviour_oversample_candidates_per_slot(monkeypatch):
-    """Co-clicked items join a list's candidates ``k * behaviour_oversample`` deep, the best by
-    their summed co-click score (then by id)."""
+    """Co-clicked items (and here the same items as steps) join a list's candidates ``k *
+    behaviour_oversample`` deep, the best by their summed score, then by id."""
     import streams.pipeline
 
     items = [it["item_id"] for it in CATALOG]
-    seen_by_rank: dict[str, tuple[set[str], dict[str, float]]] = {}
+    ranked: dict[str, tuple[set[str], dict[str, float]]] = {}
     real_rank = streams.pipeline.rank_many
 
     def spy(jobs, *args, **kw):
         for job in jobs:
             job.candidates = list(job.candidates)
-            seen_by_rank[job.profile.user_id] = ({c.item_id for c in job.candidates},
-                                                 {i: job.signals.cooccur.get(i, 0.0) for i in items})
+            ranked[job.profile.user_id] = ({c.item_id for c in job.candidates},
+                                           {i: job.signals.cooccur.get(i, 0.0) for i in items})
         return real_rank(jobs, *args, **kw)
 
     monkeypatch.setattr(streams.pipeline, "rank_many", spy)
@@ -930,7 +930,7 @@ def test_co_clicks_add_behaviour_oversample_candidates_per_slot(monkeypatch):
         run_catalog(p, msgs(CATALOG, "catalog"))
         run_events(p, msgs(crowd))
         run_events(p, msgs([click(f"u-{over}", "u", anchor)]))
-        got, sums = seen_by_rank["u"]
+        got, sums = ranked["u"]
         best = sorted((i for i in items if sums[i] > 0), key=lambda i: (-sums[i], i))
         assert len(best) == 40
         taken[over] = got
