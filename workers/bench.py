@@ -5,6 +5,7 @@ updates/s). Ratios, not absolute targets: these machines are noisy."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -13,9 +14,10 @@ from typing import Optional
 
 
 from workers import demo_data
+from workers.cpu import cores, cpu_per_event, cpu_seconds
 from workers.demo import percentiles
-from workers.runner import (WorkerProcess, encode_line, metrics_scraper, read_outputs, stages_per_event, wait_stat,
-                            worker_on_stack)
+from workers.runner import (WorkerProcess, encode_line, metrics_scraper, read_outputs, stack_processes, stages_per_event,
+                            wait_stat, worker_on_stack)
 from workers.settings import Settings
 from workers.stack import Stack, free_port
 
@@ -64,22 +66,27 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         wait_stat(r, s.key_prefix, "items_upserted", len(catalog), 600, worker)
         _say(f"catalog ready after {time.time() - t0:.1f} s (worker start included)")
         scrape = metrics_scraper(s)
+        parts = stack_processes(stack, worker)
+
+        def measured(events: list[dict], rate: float = 0.0) -> dict:
+            """One stream, with the worker's stage timings and every process's CPU over it."""
+            before, cpu, t = scrape(), cpu_seconds(parts, {"bench": os.getpid()}), time.time()
+            got = _stream(log, s, events, worker, rate)
+            got["cpu_ms_per_event"] = cpu_per_event(cpu, cpu_seconds(parts, {"bench": os.getpid()}), len(events),
+                                                    time.time() - t, cores())
+            got["stages_ms_per_event"] = stages_per_event(before, scrape(after=before, events=len(events)))
+            return got
+
         _say("one event at a time, on an idle worker")
         isolated = _isolated(log, s, worker, evs[-20:])
         _say(f"click-only stream: {len(evs)} events from {users} users")
-        before = scrape()
-        clicks = _stream(log, s, evs, worker)
-        clicks["stages_ms_per_event"] = stages_per_event(before, scrape(after=before, events=len(evs)))
+        clicks = measured(evs)
         _say(f"query-only stream: {len(qevs)} events")
-        before = scrape()
-        queries = _stream(log, s, qevs, worker)
-        queries["stages_ms_per_event"] = stages_per_event(before, scrape(after=before, events=len(qevs)))
+        queries = measured(qevs)
         paced_rate = round(clicks["events_per_s"] / 2)
         _say(f"click stream paced at half that throughput ({paced_rate} events/s)")
         repeat = [{**e, "event_id": "p-" + e["event_id"]} for e in evs[: max(1, len(evs) // 4)]]
-        before = scrape()
-        paced = _stream(log, s, repeat, worker, rate=paced_rate)
-        paced["stages_ms_per_event"] = stages_per_event(before, scrape(after=before, events=len(repeat)))
+        paced = measured(repeat, rate=paced_rate)
         _say(f"memory per user: {max(memory_marks):,} clicks by each of 2 users, in one scene")
         memory = _bytes_per_user(log, s, worker, r, catalog, marks=memory_marks)
         worker.stop()
@@ -95,6 +102,10 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
         "stages": {"click_stream": clicks.pop("stages_ms_per_event"),
                    "query_stream": queries.pop("stages_ms_per_event"),
                    "paced_click_stream": paced.pop("stages_ms_per_event")},
+        # CPU of each process over each stream: the worker, the servers and this process (the sender)
+        "cpu_ms_per_event": {"click_stream": clicks.pop("cpu_ms_per_event"),
+                             "query_stream": queries.pop("cpu_ms_per_event"),
+                             "paced_click_stream": paced.pop("cpu_ms_per_event")},
         "limits": limits,
         "redis_bytes_per_user": memory,
         "ratios": {

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import gzip
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -27,9 +28,11 @@ import numpy as np
 
 from models.evaluation import COLD_CLICKS, COLD_ITEMS, SEGMENT_NAMES, StreamResult, evaluate_stream, windowed_hit_rate
 from streams.stores.redis_profiles import read_stats
+from workers.cpu import cores, cpu_per_event, cpu_seconds
 from workers.datasets import Dataset
 from workers.demo import percentiles
-from workers.runner import WorkerProcess, encode_line, metrics_scraper, stages_per_event, worker_on_stack
+from workers.runner import (WorkerProcess, encode_line, metrics_scraper, stack_processes, stages_per_event,
+                            worker_on_stack)
 from workers.settings import Settings
 from workers.stack import Stack, free_port
 
@@ -219,12 +222,16 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         reader = threading.Thread(target=_read_answers, args=(log, s, answers, stop, opts.timeout_s + 600),
                                   daemon=True)
         reader.start()
+        parts = stack_processes(stack, worker)
+        cpu_before = cpu_seconds(parts, {"eval": os.getpid()})
         try:
             first_sent = time.time()
             sent = _stream_events(log, s, events, answers, worker, opts)
         finally:
             stop.set()
             reader.join(timeout=30)
+        cpu = cpu_per_event(cpu_before, cpu_seconds(parts, {"eval": os.getpid()}), len(events),
+                            time.time() - first_sent, cores())
         stats = read_stats(r, s.key_prefix, s.state_shards)
         stages = stages_per_event(before, scrape(after=before, events=len(events)))
         versions = {**stack.versions}
@@ -264,6 +271,7 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         "in_flight": opts.in_flight,
         "catalog_index_s": round(catalog_s, 1),
         "stages_ms_per_event": stages,
+        "cpu_ms_per_event": cpu,
         "systems": {name: _rounded(res[name]) for name in ("streamrec", *[p.name for p in peers])},
         "system_seconds": {name: round(v, 1) for name, v in res.seconds.items()},
         "skipped": skipped,
@@ -271,7 +279,7 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
                       for name in recorded if name.startswith(ABLATION)},
         "worker_stats": stats,
         "stack": versions,
-        "machine": {"cpus": _cpus(), "python": platform.python_version()},
+        "machine": {"cpus": cores(), "python": platform.python_version()},
         "options": {"in_flight": opts.in_flight, "recent_popularity_halflife_s": opts.halflife_s,
                     "implicit_als_retrain_every": opts.als_every, "seed": opts.seed},
         "wall_s": None,
@@ -298,6 +306,16 @@ def _stage_line(st: Optional[dict]) -> list[str]:
     return [f"- the worker's stages, ms per event (wall time of their calls; Redis reads overlap the "
             f"searches by {st['overlapped']}): " + ", ".join(f"{n} {st[n]}" for n in names)
             + f"; a batch {st['batch']} ({st['events_per_batch']} events a batch)"]
+
+
+def _cpu_line(cpu: Optional[dict], n_cores: Optional[int]) -> list[str]:
+    """CPU per event by process as one report line (none where it was not measured)."""
+    if not cpu:
+        return []
+    named = [f"{name} {v}" for name, v in cpu.items() if name not in ("total", "cores_busy", "events_per_s_all_cores")]
+    return ["- CPU per event over the stream, ms: " + ", ".join(named) + f"; in all {cpu['total']} "
+            f"({cpu['cores_busy']} of {n_cores} cores busy; at this CPU per event, "
+            f"{cpu['events_per_s_all_cores']} events/s would keep all {n_cores} busy)"]
 
 
 def run_ablations(s: Settings, dataset: Dataset, events: list[dict], opts: EvalOptions,
@@ -340,12 +358,6 @@ def _wait_catalog(r, s: Settings, n: int, worker: WorkerProcess, timeout_s: floa
             raise TimeoutError(f"catalog: {done} of {n} items handled after {timeout_s:.0f} s")
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _top_reasons(dead: dict[str, str], n: int = 5) -> dict[str, int]:
@@ -447,6 +459,7 @@ def render_report(r: dict, plots: dict[str, str]) -> str:
               f"{r['dead_letter_reasons'] or ''}; duplicates {r['duplicates']}",
               f"- catalog indexed in {r['catalog_index_s']} s; stack {r['stack']}",
               *_stage_line(r.get("stages_ms_per_event")),
+              *_cpu_line(r.get("cpu_ms_per_event"), r.get("machine", {}).get("cpus")),
               f"- whole run: {r['wall_s']} s on {r['machine']['cpus']} CPUs", ""]
     if r.get("ablations"):
         base = r["ablations"].get("all")

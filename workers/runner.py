@@ -181,6 +181,14 @@ def metrics_scraper(s: Settings):
     return scrape
 
 
+def stack_processes(stack, worker: WorkerProcess) -> dict[str, int]:
+    """The pid of each part a run's CPU is counted for (``workers.cpu``): the worker and the
+    stack's servers it started (``broker``, ``redis``, ``milvus``; none for servers it was given)."""
+    out = {"worker": worker.proc.pid} if worker.proc is not None else {}
+    out.update({{"kafka": "broker"}.get(name, name): p.pid for name, p in getattr(stack, "procs", {}).items()})
+    return out
+
+
 def stages_per_event(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Milliseconds per event in each stage between two scrapes (``streams.metrics``): the wall
     time of its calls. ``overlapped`` is how much of them ran side by side (they then add up to
@@ -212,4 +220,4 @@ def stages_per_event(before: dict[str, float], after: dict[str, float]) -> dict[
 
 
 __all__ = ["worker_on_stack", "WorkerProcess", "settings_env", "encode_line", "topic_for", "wait_stat", "read_outputs",
-           "all_topics", "metrics_scraper", "stages_per_event"]
+           "all_topics", "metrics_scraper", "stack_processes", "stages_per_event"]

@@ -118,3 +118,9 @@ def test_bench_reports_streams_and_limits(tmp_path):
         assert st["process"] >= st["parse"] + st["ranking"]
         assert st["other"] >= 0 and st["overlapped"] >= 0 and min(st["other"], st["overlapped"]) == 0
     assert r["stages"]["query_stream"]["encoder"] > 0 and r["stages"]["click_stream"]["milvus"] > 0
+    for stream in ("click_stream", "query_stream", "paced_click_stream"):  # CPU of every process over each stream
+        cpu = r["cpu_ms_per_event"][stream]
+        assert {"worker", "broker", "redis", "milvus", "bench"} <= set(cpu) and cpu["worker"] > 0
+        parts = sum(v for name, v in cpu.items() if name not in ("total", "cores_busy", "events_per_s_all_cores"))
+        assert cpu["total"] == pytest.approx(parts, abs=0.01) and cpu["cores_busy"] > 0
+    assert r["cpu_ms_per_event"]["query_stream"]["worker"] > r["cpu_ms_per_event"]["click_stream"]["worker"]  # encoding

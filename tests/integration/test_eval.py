@@ -69,8 +69,11 @@ def test_eval_scores_every_system_through_the_pipeline(stack, tmp_path):
     # the worker's stage timings cover every event of the stream
     st = r["stages_ms_per_event"]
     assert st["events"] == len(events) and st["milvus"] > 0 and st["ranking"] > 0 and st["batch"] >= st["process"]
+    cpu = r["cpu_ms_per_event"]  # every process's CPU over the stream
+    assert {"worker", "broker", "redis", "milvus", "eval"} <= set(cpu) and cpu["worker"] > 0 and cpu["total"] > cpu["worker"]
+    assert cpu["events_per_s_all_cores"] > 0
     report = (out / "report.md").read_text()
-    assert "the worker's stages, ms per event" in report
+    assert "the worker's stages, ms per event" in report and "CPU per event over the stream" in report
     assert all(f"| {name} |" in report for name in SYSTEMS) and "hr_over_stream.png" in report
     for png in ("hr_over_stream.png", "latency_histogram.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
