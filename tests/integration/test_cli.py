@@ -92,6 +92,8 @@ def test_demo_runs_end_to_end_and_its_counts_balance(tmp_path):
     assert s["interest_hit_rate"] > s["chance_rate"]
     assert s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
     assert all(s["versions"].values())
+    cpu = s["cpu_ms_per_event"]  # where the stack's CPU went, by process
+    assert {"worker", "broker", "redis", "milvus", "demo"} <= set(cpu) and cpu["worker"] > 0 and cpu["cores_busy"] > 0
 
 
 @pytest.mark.slow
