@@ -5,7 +5,6 @@ updates/s). Ratios, not absolute targets: these machines are noisy."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -14,7 +13,7 @@ from typing import Optional
 
 
 from workers import demo_data
-from workers.cpu import cores, cpu_per_event, cpu_seconds
+from workers.cpu import meter
 from workers.demo import percentiles
 from workers.runner import (WorkerProcess, encode_line, metrics_scraper, read_outputs, stack_processes, stages_per_event,
                             wait_stat, worker_on_stack)
@@ -70,10 +69,9 @@ def run_bench(settings: Settings, events: int = 2000, items: int = 2000, users: 
 
         def measured(events: list[dict], rate: float = 0.0) -> dict:
             """One stream, with the worker's stage timings and every process's CPU over it."""
-            before, cpu, t = scrape(), cpu_seconds(parts, {"bench": os.getpid()}), time.time()
+            before, cpu = scrape(), meter(parts, "bench")
             got = _stream(log, s, events, worker, rate)
-            got["cpu_ms_per_event"] = cpu_per_event(cpu, cpu_seconds(parts, {"bench": os.getpid()}), len(events),
-                                                    time.time() - t, cores())
+            got["cpu_ms_per_event"] = cpu(len(events))
             got["stages_ms_per_event"] = stages_per_event(before, scrape(after=before, events=len(events)))
             return got
 

@@ -4,8 +4,9 @@ and what that allows on the machine's cores."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 
 def cores() -> int:
@@ -29,7 +30,7 @@ def _table(proc: Path) -> dict[int, tuple[int, float]]:
     return out
 
 
-def cpu_seconds(trees: Mapping[str, int], alone: Mapping[str, int] = {},
+def cpu_seconds(trees: Mapping[str, int], alone: Optional[Mapping[str, int]] = None,
                 proc: Path = Path("/proc")) -> Optional[dict[str, float]]:
     """CPU seconds used so far by each process of ``trees`` with every process below it, and by
     each of ``alone`` by itself; a name whose process is gone counts 0. None where ``proc`` cannot
@@ -50,7 +51,7 @@ def cpu_seconds(trees: Mapping[str, int], alone: Mapping[str, int] = {},
                 total += table[pid][1]
                 todo.extend(children.get(pid, ()))
         out[name] = total
-    for name, pid in alone.items():
+    for name, pid in (alone or {}).items():
         out[name] = table[pid][1] if pid in table else 0.0
     return out
 
@@ -71,4 +72,12 @@ def cpu_per_event(before: Optional[dict[str, float]], after: Optional[dict[str, 
     return out
 
 
-__all__ = ["cores", "cpu_seconds", "cpu_per_event"]
+def meter(trees: Mapping[str, int], own: str) -> Callable[[int], Optional[dict[str, float]]]:
+    """Start counting the CPU of ``trees`` and of this process (named ``own``); the function
+    returned gives :func:`cpu_per_event` from now until it is called, for that many events."""
+    alone = {own: os.getpid()}
+    before, started = cpu_seconds(trees, alone), time.monotonic()
+    return lambda events: cpu_per_event(before, cpu_seconds(trees, alone), events, time.monotonic() - started, cores())
+
+
+__all__ = ["cores", "cpu_seconds", "cpu_per_event", "meter"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -14,7 +13,7 @@ import numpy as np
 
 from streams.stores.redis_profiles import read_stats
 from workers import demo_data
-from workers.cpu import cores, cpu_per_event, cpu_seconds
+from workers.cpu import meter
 from workers.runner import encode_line, read_outputs, stack_processes, wait_stat, worker_on_stack
 from workers.settings import Settings
 from workers.stack import Stack
@@ -52,8 +51,7 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
             _say(f"catalog indexed in {time.time() - t0:.1f} s; streaming {len(events)} events "
                  f"from {users} users at {rate or 'max'} events/s")
             p = log.producer()
-            parts = stack_processes(stack, worker)
-            cpu_before = cpu_seconds(parts, {"demo": os.getpid()})
+            cpu = meter(stack_processes(stack, worker), "demo")
             bad_at = {len(events) * (n + 1) // (len(BAD_MESSAGES) + 1): bad for n, bad in enumerate(BAD_MESSAGES)}
             start = time.time()
             for i, ev in enumerate(events):
@@ -70,8 +68,7 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
             sent_at = time.time()
             got = read_outputs(log, s.topic_recommendations, [e["event_id"] for e in events], 300, worker)
             done_at = max(m["produced_time"] for ms in got.values() for m in ms)
-            cpu = cpu_per_event(cpu_before, cpu_seconds(parts, {"demo": os.getpid()}), len(events),
-                                time.time() - start, cores())
+            cpu_ms = cpu(len(events))
             wait_stat(r, s.key_prefix, "dead_letters", len(BAD_MESSAGES), 60, worker)
             wait_stat(r, s.key_prefix, "events_applied", len(events), 60, worker)
             stats = read_stats(r, s.key_prefix, s.state_shards)
@@ -102,7 +99,7 @@ def run_demo(settings: Settings, users: int = 60, events_per_user: int = 12, ite
             "offered_rate_eps": rate or None,
             "latency_ms": percentiles(latencies),
             "send_s": round(sent_at - start, 2),
-            "cpu_ms_per_event": cpu,  # each process's CPU over the stream (workers.cpu)
+            "cpu_ms_per_event": cpu_ms,  # each process's CPU over the stream (workers.cpu)
             "versions": {"broker": stack.versions.get("broker"), "redis": stack.versions.get("redis"),
                          "milvus": stack.versions.get("milvus"), "encoder": _encoder_version(s)},
         }

@@ -14,7 +14,6 @@ import base64
 import contextlib
 import gzip
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import numpy as np
 
 from models.evaluation import COLD_CLICKS, COLD_ITEMS, SEGMENT_NAMES, StreamResult, evaluate_stream, windowed_hit_rate
 from streams.stores.redis_profiles import read_stats
-from workers.cpu import cores, cpu_per_event, cpu_seconds
+from workers.cpu import cores, meter
 from workers.datasets import Dataset
 from workers.demo import percentiles
 from workers.runner import (WorkerProcess, encode_line, metrics_scraper, stack_processes, stages_per_event,
@@ -222,16 +221,14 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         reader = threading.Thread(target=_read_answers, args=(log, s, answers, stop, opts.timeout_s + 600),
                                   daemon=True)
         reader.start()
-        parts = stack_processes(stack, worker)
-        cpu_before = cpu_seconds(parts, {"eval": os.getpid()})
+        cpu = meter(stack_processes(stack, worker), "eval")
         try:
             first_sent = time.time()
             sent = _stream_events(log, s, events, answers, worker, opts)
         finally:
             stop.set()
             reader.join(timeout=30)
-        cpu = cpu_per_event(cpu_before, cpu_seconds(parts, {"eval": os.getpid()}), len(events),
-                            time.time() - first_sent, cores())
+        cpu_ms = cpu(len(events))
         stats = read_stats(r, s.key_prefix, s.state_shards)
         stages = stages_per_event(before, scrape(after=before, events=len(events)))
         versions = {**stack.versions}
@@ -271,7 +268,7 @@ def run_eval(settings: Settings, dataset: Dataset, out: Path, opts: EvalOptions 
         "in_flight": opts.in_flight,
         "catalog_index_s": round(catalog_s, 1),
         "stages_ms_per_event": stages,
-        "cpu_ms_per_event": cpu,
+        "cpu_ms_per_event": cpu_ms,
         "systems": {name: _rounded(res[name]) for name in ("streamrec", *[p.name for p in peers])},
         "system_seconds": {name: round(v, 1) for name, v in res.seconds.items()},
         "skipped": skipped,

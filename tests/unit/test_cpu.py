@@ -3,10 +3,11 @@
 import select
 import subprocess
 import sys
+import time
 
 import pytest
 
-from workers.cpu import cpu_per_event, cpu_seconds
+from workers.cpu import cpu_per_event, cpu_seconds, meter
 
 # Spends at least 0.3 s of CPU, says so, then waits on stdin (alive until the test closes it).
 BURN = ("import sys, time\n"
@@ -50,3 +51,13 @@ def test_cpu_per_event_is_each_part_per_event_and_the_rate_that_keeps_every_core
     assert got == {"worker": 2.0, "redis": 1.0, "total": 3.0, "cores_busy": 1.5, "events_per_s_all_cores": 666.7}
     assert cpu_per_event(None, {"worker": 1.0}, 10, 1.0, 2) is None
     assert cpu_per_event({"worker": 1.0}, {"worker": 1.0}, 10, 1.0, 2)["events_per_s_all_cores"] is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
+def test_a_meter_counts_this_process_from_when_it_started():
+    per_event = meter({}, "me")
+    t = time.process_time()
+    while time.process_time() - t < 0.2:  # 0.2 s of CPU after the meter started
+        pass
+    got = per_event(10)
+    assert got["me"] >= 19.0 and got["total"] == got["me"]  # 20 ms an event, less one clock tick
