@@ -47,7 +47,7 @@ from streams.executors import LATER, PriorityExecutor
 from streams.metrics import Metrics, Timed
 from streams.stores import codec
 from streams.stores.items import ItemIndex, ItemRow
-from streams.stores.profiles import ClickEffect, ConflictError, Effects, ProfileStore, Write
+from streams.stores.profiles import ClickEffect, ConflictError, Effects, ProfileStore, Write, transition_weights
 
 log = logging.getLogger("streamrec.pipeline")
 
@@ -400,6 +400,77 @@ class _From(_Sums):
         return self[y] if y in self else default
 
 
+class _Fresh:
+    """A batch's own clicks, for the co-clicks and steps that a list made later in the batch sees:
+    the store's rows are as they were before the batch, and each list adds to them the clicks at
+    earlier positions of the batch, as the store will count them once applied (a co-click with
+    each of the clicker's earlier clicks, a step 1 / gap from each; co-clicks over the square root
+    of both items' clicks, steps over the clicks of the item stepped from). Only other users'
+    clicks add partners: a user's own clicks add items that user has seen. Every click counts in
+    its item's clicks."""
+
+    def __init__(self, clicks: Sequence[tuple[int, str, ClickEffect]]) -> None:
+        self.counts: Mapping[str, float] = {}
+        self.item_of: dict[int, str] = {}
+        self.clicked_nos = np.zeros(0, dtype=np.int64)
+        self.positions: dict[str, list[int]] = {}  # item -> positions of its clicks, ascending
+        self.co: dict[str, list[tuple[int, str, str]]] = {}  # item -> (position, user, partner)
+        self.tr: dict[str, list[tuple[int, str, str, float]]] = {}  # item -> (position, user, next item, 1 / gap)
+        for q, user, c in sorted(clicks, key=lambda qc: qc[0]):
+            self.positions.setdefault(c.item_id, []).append(q)
+            for x in dict.fromkeys(c.previous):
+                if x != c.item_id:
+                    self.co.setdefault(x, []).append((q, user, c.item_id))
+                    self.co.setdefault(c.item_id, []).append((q, user, x))
+            for x, w in transition_weights(c):
+                self.tr.setdefault(x, []).append((q, user, c.item_id, w))
+
+    def clicks_before(self, item_id: str, position: int) -> int:
+        return bisect.bisect_left(self.positions.get(item_id, ()), position)
+
+    def grown(self, counts: Mapping[str, float], position: int, item_ids: Iterable[str], co: bool) -> dict[str, float]:
+        """What the stored scores of ``item_ids`` are multiplied by where they are divided by
+        their clicks (the square root for co-clicks), for those clicked before ``position``."""
+        out = {}
+        for z in item_ids:
+            k, n = self.clicks_before(z, position), counts.get(z, 0.0)
+            if k and n > 0:
+                out[z] = math.sqrt(n / (n + k)) if co else n / (n + k)
+        return out
+
+    def regrown(self, nos: np.ndarray, sums: np.ndarray, position: int) -> np.ndarray:
+        """Co-click sums by partner (catalog numbers ``nos``, ascending) over the partners' clicks
+        by ``position``: each stored score is over the square root of its partner's clicks."""
+        if position < 0 or not len(self.clicked_nos):
+            return sums
+        hit = np.flatnonzero(np.isin(nos, self.clicked_nos))
+        if not len(hit):
+            return sums
+        f = self.grown(self.counts, position, (self.item_of[no] for no in nos[hit].tolist()), True)
+        out = sums.copy()
+        for j, no in zip(hit.tolist(), nos[hit].tolist()):
+            out[j] *= f.get(self.item_of[no], 1.0)
+        return out
+
+    def know(self, counts: Mapping[str, float], known: Mapping[str, Candidate]) -> None:
+        """The stored clicks of the batch's clicked items, and their catalog numbers."""
+        self.counts = counts
+        self.item_of = {known[y].no: y for y in self.positions if y in known}
+        self.clicked_nos = np.array(sorted(self.item_of), dtype=np.int64)
+
+    def added(self, kind: str, a: "_Answer", sources: list[str]) -> list[tuple[int, str, str, float]]:
+        """(source's place in ``sources``, source, partner, raw count) added for list ``a``."""
+        out = []
+        if a.position < 0:
+            return out
+        for pos, x in enumerate(sources):
+            if kind == "cooccur":
+                out += [(pos, x, y, 1.0) for q, user, y in self.co.get(x, ()) if q < a.position and user != a.user_id]
+            else:
+                out += [(pos, x, y, w) for q, user, y, w in self.tr.get(x, ()) if q < a.position and user != a.user_id]
+        return out
+
+
 @dataclass
 class _Answer:
     """A list to produce: for an event (after applying it) or a request."""
@@ -417,6 +488,7 @@ class _Answer:
     vector: Optional[np.ndarray] = None
     clicked: int = -1  # the catalog number a newly applied click picked (what the last list is judged by)
     impression: Impression = field(default_factory=Impression)
+    position: int = -1  # the event's place in its batch (-1: a request)
 
 
 class Pipeline:
@@ -623,19 +695,25 @@ class Pipeline:
         flat: list[tuple[RawMessage, _Answer]] = []
         sequences: dict[str, list[tuple[RawMessage, Optional[_Answer]]]] = {}
         shown = {u: prof.shown for u, prof in profiles.items()}
+        position = {id(m): j for j, m in enumerate(batch)}
         for u, user_events in by_user.items():
             for (m, _), a in zip(user_events, self._apply_user(profiles[u], user_events, items, query_vectors, out),
                                  strict=True):
                 sequences.setdefault(u, []).append((m, a))
                 if a is not None:
                     a.duplicate = a.duplicate or m.offset <= published.get(source_of(m), -1)
+                    a.position = position[id(m)]
                     flat.append((m, a))
+        clicker = {(source_of(m), m.offset): (position[id(m)], e.user_id) for m, e in valid}
+        fresh = _Fresh([(*clicker[src, offset], c) for src, offset, c in out.effects.clicks])
         self._look_ahead({**profiles, **{w.profile.user_id: w.profile for w in out.writes}})  # a forget makes a new one
-        # Lists see popularity, co-clicks and the ranker's weights as they were before this batch:
-        # never a click that comes after their event.
+        # Lists see popularity and the ranker's weights as they were before this batch, and
+        # co-clicks and steps with the batch's earlier clicks (_Fresh): never a click that comes
+        # after their event.
         ids = {c.no: c.item_id for c in items.values()}
         weights = weights_from(model, self.params)
-        for (m, _), (user, payload) in zip(flat, await self.answer([a for _, a in flat], ids, weights), strict=True):
+        for (m, _), (user, payload) in zip(flat, await self.answer([a for _, a in flat], ids, weights, fresh),
+                                           strict=True):
             out.recommendations.append((user.encode(), payload))
             out.count(m, "recommendations_out")
         self._learn(sequences, shown, weights, out)
@@ -918,12 +996,13 @@ class Pipeline:
         return found
 
     async def answer(self, answers: Sequence[_Answer], ids: Optional[dict[int, str]] = None,
-                     weights: Optional[np.ndarray] = None) -> list[tuple[str, bytes]]:
+                     weights: Optional[np.ndarray] = None, fresh: Optional[_Fresh] = None) -> list[tuple[str, bytes]]:
         """Rank a list for each answer: one batched search for all personalised ones, the
         cold-start list (popularity, then newest) for the rest and to fill short lists; each as
         (user id, the wire bytes of its ``Recommendations``). ``ids``:
         the item ids of the catalog numbers clicked in the batch; ``weights``: the ranker's (the
-        defaults when None). Each answer's ``impression`` is set to what its list remembers."""
+        defaults when None); ``fresh``: the batch's clicks, for co-clicks and steps. Each answer's
+        ``impression`` is set to what its list remembers."""
         ids = ids or {}
         if not answers:
             return []
@@ -948,7 +1027,8 @@ class Pipeline:
         scenes = list(dict.fromkeys(a.scene for a in answers))
         kinds = [kind for kind in ("cooccur", "transitions") if kind not in off]
         found, (reading, behaviour_items), pools = await together(
-            self._search(answers, plans), self._behaviour_read(answers, kinds), self._popular_pools(scenes, POPULAR_READ))
+            self._search(answers, plans), self._behaviour_read(answers, kinds, fresh),
+            self._popular_pools(scenes, POPULAR_READ))
         # A list takes the first ``k * oversample`` unseen popular items within its own bound; a
         # scene whose read leaves some list short is read four times as far, up to that bound.
         while True:
@@ -987,7 +1067,7 @@ class Pipeline:
         # Items clicked with, and right after, the user's recent clicks join the candidates.
         signals: dict[int, Signals] = {i: Signals() for i, a in enumerate(answers) if a.vector is not None}
         for kind in kinds:
-            self._behaviour_candidates(answers, results, signals, kind, *reading[kind], behaviour_items)
+            self._behaviour_candidates(answers, results, signals, kind, *reading[kind], behaviour_items, fresh)
         # Popular items join every personalised list's candidates (and fill the cold-start lists).
         if "popularity" not in off:
             for i in signals:
@@ -1217,14 +1297,18 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - its batch searches as usual
             log.debug("searching ahead failed; the next batch searches as usual", exc_info=True)
 
-    async def _behaviour_read(self, answers: Sequence[_Answer], kinds: Sequence[str]
-                              ) -> tuple[dict[str, tuple[dict[int, list[str]], dict[str, tuple[list[str], np.ndarray]]]],
+    async def _behaviour_read(self, answers: Sequence[_Answer], kinds: Sequence[str], fresh: Optional[_Fresh] = None
+                              ) -> tuple[dict[str, tuple[dict[int, list[str]], dict[str, tuple[list[str], np.ndarray]],
+                                                         dict[int, list[tuple[int, dict[str, float]]]]]],
                                          dict[str, Candidate]]:
         """What :meth:`_behaviour_candidates` needs from the stores, for each of ``kinds``: per
-        personalised list its sources (the user's last clicks, newest first) and their partners;
-        and the items of all of them, fetched once for every kind."""
+        personalised list its sources (the user's last clicks, newest first), their partners, and
+        what the batch's earlier clicks add to each source's partners (``fresh``: per list, each
+        source's place and its added partners' scores); and the items of all of them, fetched
+        once for every kind."""
         p = self.params
         sources: dict[str, dict[int, list[str]]] = {}
+        raw: dict[str, dict[int, list[tuple[int, str, str, float]]]] = {}
         reads = []
         for kind in kinds:
             co = kind == "cooccur"
@@ -1232,18 +1316,59 @@ class Pipeline:
             sources[kind] = {i: list(dict.fromkeys(h["item_id"] for h in reversed(a.profile.history)
                                                    if h["type"] == "click"))[:n_sources]  # newest first
                              for i, a in enumerate(answers) if a.vector is not None}
+            if fresh is not None:
+                raw[kind] = {i: got for i, xs in sources[kind].items() if (got := fresh.added(kind, answers[i], xs))}
             all_sources = list(dict.fromkeys(x for xs in sources[kind].values() for x in xs))
             read = self.profiles.cooccurring_arrays if co else self.profiles.transitions_arrays
             reads.append(read(all_sources, p.cooccur_fanout if co else p.transition_fanout) if all_sources
                          else _nothing())
-        partners = dict(zip(kinds, await together(*reads), strict=True))
+        named = list(dict.fromkeys([*(fresh.positions if fresh is not None and raw else ()),
+                                    *(z for got in raw.values() for adds in got.values() for _, x, y, _ in adds
+                                      for z in (x, y))]))
+        at = max(a.event_time for a in answers)
+        *got, clicks = await together(*reads, self.profiles.item_clicks(named, at) if named else _nothing())
+        partners = dict(zip(kinds, got, strict=True))
+        added: dict[str, dict[int, list[tuple[int, dict[str, float]]]]] = {kind: {} for kind in kinds}
+        grown: dict[str, dict[int, dict[int, float]]] = {kind: {} for kind in kinds}
+        for kind in (raw if fresh is not None else ()):
+            co = kind == "cooccur"
+            for i, xs in sources[kind].items():
+                # the stored scores of sources (and co-clicked partners) clicked earlier in the batch
+                # are over fewer clicks than the store will count by then
+                where = answers[i].position
+                by_source = fresh.grown(clicks, where, xs, co)
+                rows = {pos: by_source[x] for pos, x in enumerate(xs) if x in by_source}
+                if rows:
+                    grown[kind][i] = rows
+        for kind, by_list in raw.items():
+            for i, adds in by_list.items():
+                where = answers[i].position
+                rows: dict[int, dict[str, float]] = {}
+                for pos, x, y, w in adds:
+                    nx = clicks.get(x, 0.0) + fresh.clicks_before(x, where)
+                    # a partner with stored clicks is put over its clicks by then with the stored
+                    # scores (_Fresh.regrown), one without over its clicks in the batch
+                    ny = clicks.get(y, 0.0) or fresh.clicks_before(y, where)
+                    if nx <= 0 or ny <= 0:
+                        continue
+                    v = w / math.sqrt(nx * ny) if kind == "cooccur" else w / nx
+                    row = rows.setdefault(pos, {})
+                    row[y] = row.get(y, 0.0) + v
+                added[kind][i] = sorted(rows.items())
         known = await self.fetch_items([*(x for kind in kinds for xs in sources[kind].values() for x in xs),
-                                        *(y for kind in kinds for ys, _ in partners[kind].values() for y in ys)])
-        return {kind: (sources[kind], partners[kind]) for kind in kinds}, known
+                                        *(y for kind in kinds for ys, _ in partners[kind].values() for y in ys),
+                                        *(y for kind in kinds for rows in added[kind].values() for _, row in rows
+                                          for y in row)])
+        if fresh is not None:
+            fresh.know(clicks, known)
+        return {kind: (sources[kind], partners[kind], added[kind], grown[kind]) for kind in kinds}, known
 
     def _behaviour_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
                               signals: dict[int, Signals], kind: str, sources: dict[int, list[str]],
-                              partners: dict[str, tuple[list[str], np.ndarray]], known: dict[str, Candidate]) -> None:
+                              partners: dict[str, tuple[list[str], np.ndarray]],
+                              added: dict[int, list[tuple[int, dict[str, float]]]],
+                              grown: dict[int, dict[int, float]], known: dict[str, Candidate],
+                              fresh: Optional[_Fresh] = None) -> None:
         """For each personalised list: items co-clicked with the user's last ``cooccur_sources``
         clicks (``kind`` "cooccur"), or clicked right after the last ``transition_sources`` ones,
         the nearest weighing most ("transitions"), from :meth:`_behaviour_read`. Each item's
@@ -1269,7 +1394,14 @@ class Pipeline:
         ids_by_no: Optional[dict[int, str]] = None
         lists: list[tuple[int, list[str], list[tuple[int, _Row]]]] = []
         for i, xs in sources.items():
-            parts = [(pos, table[x]) for pos, x in enumerate(xs) if x in table]
+            rescaled = grown.get(i, {})
+            parts = [(pos, table[x] if pos not in rescaled else _Row(table[x].nos, table[x].vals * rescaled[pos]))
+                     for pos, x in enumerate(xs) if x in table]
+            for pos, row in added.get(i, ()):  # the batch's earlier clicks, beside the stored rows
+                ys = [y for y in row if y in no_of]
+                if ys:
+                    parts.append((pos, _Row(np.array([no_of[y] for y in ys], dtype=np.int64),
+                                            np.array([row[y] for y in ys], dtype=np.float64))))
             if parts:
                 lists.append((i, xs, parts))
         if not lists:
@@ -1284,6 +1416,8 @@ class Pipeline:
         for g, (i, xs, parts) in enumerate(lists):
             a = answers[i]
             uniq, sums = all_nos[bounds[g]:bounds[g + 1]], all_sums[bounds[g]:bounds[g + 1]]
+            if co and fresh is not None:  # partners clicked earlier in the batch: over their clicks by then
+                sums = fresh.regrown(uniq, sums, a.position)
             nos_list = uniq.tolist()
             summed = _Summed(uniq, nos_list, sums, parts, scale, xs, known)
             if co:

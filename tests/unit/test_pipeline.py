@@ -903,6 +903,48 @@ def test_a_failure_to_search_ahead_never_fails_a_batch(pipeline):
     assert _ahead_counts(pipeline)["hit"] > 0  # the bad message held behind is skipped, the rest searched
 
 
+def test_a_list_sees_the_co_clicks_and_steps_of_other_users_clicks_earlier_in_its_batch(monkeypatch):
+    """Another user's clicks earlier in the same batch count in a list's co-clicks and steps as
+    they would had they come in a batch before it (the same partners, the same scores to
+    rounding, the same reasons); a click later in the batch counts for no list before it."""
+    import streams.pipeline
+
+    items = [it["item_id"] for it in CATALOG]
+    sums: dict[str, dict[str, tuple[float, float]]] = {}
+    real_rank = streams.pipeline.rank_many
+
+    def spy(jobs, *args, **kw):
+        for job in jobs:
+            s = job.signals
+            sums[job.profile.user_id] = {i: (s.cooccur.get(i, 0.0), s.transitions.get(i, 0.0)) for i in items
+                                         if s.cooccur.get(i, 0.0) or s.transitions.get(i, 0.0)}
+        return real_rank(jobs, *args, **kw)
+
+    monkeypatch.setattr(streams.pipeline, "rank_many", spy)
+    a, b, c, d = items[30], items[31], items[32], items[33]
+    # before: a crowd clicks a then d, so u's a has partners of its own in the store
+    crowd = [e for m in range(3) for e in (click(f"ca{m}", f"crowd{m}", a), click(f"cd{m}", f"crowd{m}", d))]
+    # v clicks a, b and d (co-clicks and steps among them; a and d gain clicks), u then clicks a,
+    # and v clicks c after that
+    v1, v2, v3, u1, v4 = (click("v1", "v", a), click("v2", "v", b), click("v3", "v", d), click("u1", "u", a),
+                          click("v4", "v", c))
+    got = {}
+    for name, batches in (("one batch", [[v1, v2, v3, u1, v4]]), ("v first", [[v1, v2, v3], [u1, v4]])):
+        p = make_pipeline(signals_off="text,popularity")
+        run_catalog(p, msgs(CATALOG, "catalog"))
+        run_events(p, msgs(crowd))
+        for batch in batches:
+            out = run_events(p, msgs(batch))
+        got[name] = (sums["u"], [(i["item_id"], i["reason"]) for r in recs(out) if r["user_id"] == "u"
+                                 for i in r["items"] if i["item_id"] in (b, c, d)])
+    (one, one_items), (apart, apart_items) = got["one batch"], got["v first"]
+    assert set(one) == set(apart) == {b, d}  # c is clicked after u's list: never its partner
+    for i in one:
+        assert one[i] == pytest.approx(apart[i], rel=1e-6)
+    assert one[b][0] > 0 and one[b][1] > 0  # b is both co-clicked with a and clicked after it
+    assert one_items == apart_items and b in [i for i, _ in one_items]
+
+
 def test_co_clicks_add_behaviour_oversample_candidates_per_slot(monkeypatch):
     """Co-clicked items (and here the same items as steps) join a list's candidates ``k *
     behaviour_oversample`` deep, the best by their summed score, then by id."""
