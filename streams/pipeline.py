@@ -309,13 +309,13 @@ class _Row:
 
 class _Summed:
     """One list's behaviour scores: per partner item (by catalog number, ascending in ``nos``) its
-    summed score over the list's sources (``parts``: each source's position and row, rows scaled
-    by ``scale(position)``). Read through :class:`_Sums` and :class:`_From` for the few candidates
+    summed score over the list's sources (``parts``: each source's position, row and factor, rows
+    scaled by ``scale(position)`` times the factor). Read through :class:`_Sums` and :class:`_From` for the few candidates
     a list ranks, not built per partner."""
 
     __slots__ = ("nos", "sums", "parts", "scale", "sources", "known", "_nos")
 
-    def __init__(self, nos: np.ndarray, nos_list: list[int], sums: np.ndarray, parts: list[tuple[int, _Row]],
+    def __init__(self, nos: np.ndarray, nos_list: list[int], sums: np.ndarray, parts: list[tuple[int, _Row, float]],
                  scale: Callable[[int], float], sources: list[str], known: dict[str, Candidate]) -> None:
         self.nos, self._nos, self.sums, self.parts, self.scale = nos, nos_list, sums, parts, scale
         self.sources, self.known = sources, known
@@ -344,10 +344,10 @@ class _Summed:
         """The source giving item ``j`` most (the first of equals, in the sources' order)."""
         no = self._nos[j]
         best, best_v = -1, -math.inf
-        for pos, row in self.parts:
+        for pos, row, f in self.parts:
             v = row.value(no)
-            if v is not None and v * self.scale(pos) > best_v:
-                best, best_v = pos, v * self.scale(pos)
+            if v is not None and v * (self.scale(pos) * f) > best_v:
+                best, best_v = pos, v * (self.scale(pos) * f)
         return self.sources[best]
 
 
@@ -409,34 +409,48 @@ class _Fresh:
     clicks add partners: a user's own clicks add items that user has seen. Every click counts in
     its item's clicks."""
 
-    def __init__(self, clicks: Sequence[tuple[int, str, ClickEffect]]) -> None:
-        self.counts: Mapping[str, float] = {}
-        self.item_of: dict[int, str] = {}
-        self.clicked_nos = np.zeros(0, dtype=np.int64)
-        self.positions: dict[str, list[int]] = {}  # item -> positions of its clicks, ascending
-        self.co: dict[str, list[tuple[int, str, str]]] = {}  # item -> (position, user, partner)
+    def __init__(self, clicks: Sequence[tuple[int, str, ClickEffect]], size: int, nos: Mapping[str, int]) -> None:
+        self.co: dict[str, list[tuple[int, str, str]]] = {}  # item -> (position, user, partner), by position
         self.tr: dict[str, list[tuple[int, str, str, float]]] = {}  # item -> (position, user, next item, 1 / gap)
-        for q, user, c in sorted(clicks, key=lambda qc: qc[0]):
-            self.positions.setdefault(c.item_id, []).append(q)
+        clicks = sorted(clicks, key=lambda qc: qc[0])
+        for q, user, c in clicks:
             for x in dict.fromkeys(c.previous):
                 if x != c.item_id:
                     self.co.setdefault(x, []).append((q, user, c.item_id))
                     self.co.setdefault(c.item_id, []).append((q, user, x))
             for x, w in transition_weights(c):
                 self.tr.setdefault(x, []).append((q, user, c.item_id, w))
+        self.items = list(dict.fromkeys(c.item_id for _, _, c in clicks))  # the items clicked, a row each
+        self.row = {item: j for j, item in enumerate(self.items)}
+        # before[j, p]: item j's clicks at positions below p
+        at = np.zeros((len(self.items), size + 1))
+        for q, _, c in clicks:
+            at[self.row[c.item_id], q + 1] += 1
+        self.before = np.cumsum(at, axis=1)
+        self._before = self.before.tolist()  # for reads one at a time
+        by_no = sorted((nos[item], j) for item, j in self.row.items() if item in nos)
+        self.clicked_nos = np.array([no for no, _ in by_no], dtype=np.int64)  # ascending
+        self.rows_by_no = np.array([j for _, j in by_no], dtype=np.int64)
+        self.stored = np.zeros(len(self.items))  # the items' clicks in the store (know)
 
-    def clicks_before(self, item_id: str, position: int) -> int:
-        return bisect.bisect_left(self.positions.get(item_id, ()), position)
+    def know(self, counts: Mapping[str, float]) -> None:
+        """The clicked items' clicks as stored before the batch."""
+        self.stored = np.array([counts.get(item, 0.0) for item in self.items])
 
-    def grown(self, counts: Mapping[str, float], position: int, item_ids: Iterable[str], co: bool) -> dict[str, float]:
-        """What the stored scores of ``item_ids`` are multiplied by where they are divided by
-        their clicks (the square root for co-clicks), for those clicked before ``position``."""
-        out = {}
-        for z in item_ids:
-            k, n = self.clicks_before(z, position), counts.get(z, 0.0)
-            if k and n > 0:
-                out[z] = math.sqrt(n / (n + k)) if co else n / (n + k)
-        return out
+    def clicks_before(self, item_id: str, position: int) -> float:
+        j = self.row.get(item_id)
+        return 0.0 if j is None else self._before[j][position]
+
+    def grown(self, position: int, item_id: str, co: bool) -> float:
+        """What the stored scores of ``item_id`` are multiplied by where they are divided by its
+        clicks (the square root for co-clicks): its clicks as stored over its clicks by ``position``."""
+        j = self.row.get(item_id)
+        if j is None:
+            return 1.0
+        k, n = self._before[j][position], float(self.stored[j])
+        if not k or n <= 0:
+            return 1.0
+        return math.sqrt(n / (n + k)) if co else n / (n + k)
 
     def regrown(self, nos: np.ndarray, sums: np.ndarray, position: int) -> np.ndarray:
         """Co-click sums by partner (catalog numbers ``nos``, ascending) over the partners' clicks
@@ -446,28 +460,27 @@ class _Fresh:
         hit = np.flatnonzero(np.isin(nos, self.clicked_nos))
         if not len(hit):
             return sums
-        f = self.grown(self.counts, position, (self.item_of[no] for no in nos[hit].tolist()), True)
+        j = self.rows_by_no[np.searchsorted(self.clicked_nos, nos[hit])]
+        k, n = self.before[j, position], self.stored[j]
+        grow = (k > 0) & (n > 0)
+        if not grow.any():
+            return sums
         out = sums.copy()
-        for j, no in zip(hit.tolist(), nos[hit].tolist()):
-            out[j] *= f.get(self.item_of[no], 1.0)
+        out[hit[grow]] *= np.sqrt(n[grow] / (n[grow] + k[grow]))
         return out
-
-    def know(self, counts: Mapping[str, float], known: Mapping[str, Candidate]) -> None:
-        """The stored clicks of the batch's clicked items, and their catalog numbers."""
-        self.counts = counts
-        self.item_of = {known[y].no: y for y in self.positions if y in known}
-        self.clicked_nos = np.array(sorted(self.item_of), dtype=np.int64)
 
     def added(self, kind: str, a: "_Answer", sources: list[str]) -> list[tuple[int, str, str, float]]:
         """(source's place in ``sources``, source, partner, raw count) added for list ``a``."""
-        out = []
+        out: list[tuple[int, str, str, float]] = []
         if a.position < 0:
             return out
+        table, user, where = (self.co if kind == "cooccur" else self.tr), a.user_id, a.position
         for pos, x in enumerate(sources):
-            if kind == "cooccur":
-                out += [(pos, x, y, 1.0) for q, user, y in self.co.get(x, ()) if q < a.position and user != a.user_id]
-            else:
-                out += [(pos, x, y, w) for q, user, y, w in self.tr.get(x, ()) if q < a.position and user != a.user_id]
+            for entry in table.get(x, ()):
+                if entry[0] >= where:
+                    break
+                if entry[1] != user:
+                    out.append((pos, x, entry[2], entry[3] if len(entry) > 3 else 1.0))
         return out
 
 
@@ -705,11 +718,12 @@ class Pipeline:
                     a.position = position[id(m)]
                     flat.append((m, a))
         clicker = {(source_of(m), m.offset): (position[id(m)], e.user_id) for m, e in valid}
-        fresh = _Fresh([(*clicker[src, offset], c) for src, offset, c in out.effects.clicks])
+        fresh = _Fresh([(*clicker[src, offset], c) for src, offset, c in out.effects.clicks], len(batch),
+                       {c.item_id: c.no for c in items.values()}) if self.params.fresh_behaviour else None
         self._look_ahead({**profiles, **{w.profile.user_id: w.profile for w in out.writes}})  # a forget makes a new one
-        # Lists see popularity and the ranker's weights as they were before this batch, and
-        # co-clicks and steps with the batch's earlier clicks (_Fresh): never a click that comes
-        # after their event.
+        # Lists see popularity, co-clicks, steps and the ranker's weights as they were before this
+        # batch (with ``fresh_behaviour``, co-clicks and steps with the batch's earlier clicks:
+        # _Fresh): never a click that comes after their event.
         ids = {c.no: c.item_id for c in items.values()}
         weights = weights_from(model, self.params)
         for (m, _), (user, payload) in zip(flat, await self.answer([a for _, a in flat], ids, weights, fresh),
@@ -1322,7 +1336,7 @@ class Pipeline:
             read = self.profiles.cooccurring_arrays if co else self.profiles.transitions_arrays
             reads.append(read(all_sources, p.cooccur_fanout if co else p.transition_fanout) if all_sources
                          else _nothing())
-        named = list(dict.fromkeys([*(fresh.positions if fresh is not None and raw else ()),
+        named = list(dict.fromkeys([*(fresh.items if fresh is not None and raw else ()),
                                     *(z for got in raw.values() for adds in got.values() for _, x, y, _ in adds
                                       for z in (x, y))]))
         at = max(a.event_time for a in answers)
@@ -1330,28 +1344,36 @@ class Pipeline:
         partners = dict(zip(kinds, got, strict=True))
         added: dict[str, dict[int, list[tuple[int, dict[str, float]]]]] = {kind: {} for kind in kinds}
         grown: dict[str, dict[int, dict[int, float]]] = {kind: {} for kind in kinds}
+        if fresh is not None:
+            fresh.know(clicks)
         for kind in (raw if fresh is not None else ()):
             co = kind == "cooccur"
             for i, xs in sources[kind].items():
                 # the stored scores of sources (and co-clicked partners) clicked earlier in the batch
                 # are over fewer clicks than the store will count by then
                 where = answers[i].position
-                by_source = fresh.grown(clicks, where, xs, co)
-                rows = {pos: by_source[x] for pos, x in enumerate(xs) if x in by_source}
+                rows = {pos: f for pos, x in enumerate(xs) if x in fresh.row and (f := fresh.grown(where, x, co)) != 1.0}
                 if rows:
                     grown[kind][i] = rows
         for kind, by_list in raw.items():
             for i, adds in by_list.items():
                 where = answers[i].position
                 rows: dict[int, dict[str, float]] = {}
+                n_of: dict[str, float] = {}
                 for pos, x, y, w in adds:
-                    nx = clicks.get(x, 0.0) + fresh.clicks_before(x, where)
-                    # a partner with stored clicks is put over its clicks by then with the stored
-                    # scores (_Fresh.regrown), one without over its clicks in the batch
-                    ny = clicks.get(y, 0.0) or fresh.clicks_before(y, where)
-                    if nx <= 0 or ny <= 0:
+                    if (nx := n_of.get(x)) is None:
+                        nx = n_of[x] = clicks.get(x, 0.0) + fresh.clicks_before(x, where)
+                    if kind == "cooccur":
+                        # a partner with stored clicks is put over its clicks by then with the stored
+                        # scores (_Fresh.regrown), one without over its clicks in the batch
+                        ny = clicks.get(y, 0.0) or fresh.clicks_before(y, where)
+                        if nx <= 0 or ny <= 0:
+                            continue
+                        v = w / math.sqrt(nx * ny)
+                    elif nx > 0:
+                        v = w / nx
+                    else:
                         continue
-                    v = w / math.sqrt(nx * ny) if kind == "cooccur" else w / nx
                     row = rows.setdefault(pos, {})
                     row[y] = row.get(y, 0.0) + v
                 added[kind][i] = sorted(rows.items())
@@ -1359,8 +1381,6 @@ class Pipeline:
                                         *(y for kind in kinds for ys, _ in partners[kind].values() for y in ys),
                                         *(y for kind in kinds for rows in added[kind].values() for _, row in rows
                                           for y in row)])
-        if fresh is not None:
-            fresh.know(clicks, known)
         return {kind: (sources[kind], partners[kind], added[kind], grown[kind]) for kind in kinds}, known
 
     def _behaviour_candidates(self, answers: Sequence[_Answer], results: dict[int, list[Candidate]],
@@ -1395,23 +1415,23 @@ class Pipeline:
         lists: list[tuple[int, list[str], list[tuple[int, _Row]]]] = []
         for i, xs in sources.items():
             rescaled = grown.get(i, {})
-            parts = [(pos, table[x] if pos not in rescaled else _Row(table[x].nos, table[x].vals * rescaled[pos]))
-                     for pos, x in enumerate(xs) if x in table]
+            parts = [(pos, table[x], rescaled.get(pos, 1.0)) for pos, x in enumerate(xs) if x in table]
             for pos, row in added.get(i, ()):  # the batch's earlier clicks, beside the stored rows
                 ys = [y for y in row if y in no_of]
                 if ys:
                     parts.append((pos, _Row(np.array([no_of[y] for y in ys], dtype=np.int64),
-                                            np.array([row[y] for y in ys], dtype=np.float64))))
+                                            np.array([row[y] for y in ys], dtype=np.float64)), 1.0))
             if parts:
                 lists.append((i, xs, parts))
         if not lists:
             return
         # every list's partner sums at once, then each list's share of them
-        rows = [(g, pos, row) for g, (_, _, parts) in enumerate(lists) for pos, row in parts]
+        rows = [(g, pos, row, f) for g, (_, _, parts) in enumerate(lists) for pos, row, f in parts]
         group_of, all_nos, all_sums = grouped_sums(
-            np.repeat(np.array([g for g, _, _ in rows], dtype=np.int64), [len(row.nos) for _, _, row in rows]),
-            np.concatenate([row.nos for _, _, row in rows]),
-            np.concatenate([row.vals * scale(pos) if not co else row.vals for _, pos, row in rows]))
+            np.repeat(np.array([g for g, _, _, _ in rows], dtype=np.int64), [len(row.nos) for _, _, row, _ in rows]),
+            np.concatenate([row.nos for _, _, row, _ in rows]),
+            np.concatenate([row.vals * (scale(pos) * f) if not co or f != 1.0 else row.vals
+                            for _, pos, row, f in rows]))
         bounds = np.searchsorted(group_of, np.arange(len(lists) + 1)).tolist()
         for g, (i, xs, parts) in enumerate(lists):
             a = answers[i]

@@ -665,16 +665,16 @@ def test_behaviour_sums_read_by_id_match_a_plain_loop(co):
     for pos in range(len(sources)):
         nos = rng.sample(range(60), 25)
         vals = [rng.choice([0.5, 1.0, 0.25, rng.random()]) for _ in nos]  # equal values on purpose
-        parts.append((pos, _Row(np.array(nos, dtype=np.int64), np.array(vals, dtype=np.float64))))
-    nos = np.concatenate([r.nos for _, r in parts])
-    vals = np.concatenate([r.vals * scale(pos) for pos, r in parts])
+        parts.append((pos, _Row(np.array(nos, dtype=np.int64), np.array(vals, dtype=np.float64)), 1.0))
+    nos = np.concatenate([r.nos for _, r, _ in parts])
+    vals = np.concatenate([r.vals * scale(pos) for pos, r, _ in parts])
     uniq, inv = np.unique(nos, return_inverse=True)
     summed = _Summed(uniq, uniq.tolist(), np.bincount(inv, weights=vals), parts, scale, sources, known)
     sums, names = _Sums(summed), _From(summed)
 
     want_sum: dict[str, float] = {}
     want_from: dict[str, tuple[float, str]] = {}
-    for pos, row in parts:
+    for pos, row, _ in parts:
         for no, v in zip(row.nos.tolist(), row.vals.tolist()):
             y, v = f"i{no}", v * scale(pos)
             want_sum[y] = want_sum.get(y, 0.0) + v
@@ -904,9 +904,10 @@ def test_a_failure_to_search_ahead_never_fails_a_batch(pipeline):
 
 
 def test_a_list_sees_the_co_clicks_and_steps_of_other_users_clicks_earlier_in_its_batch(monkeypatch):
-    """Another user's clicks earlier in the same batch count in a list's co-clicks and steps as
-    they would had they come in a batch before it (the same partners, the same scores to
-    rounding, the same reasons); a click later in the batch counts for no list before it."""
+    """With ``fresh_behaviour``, another user's clicks earlier in the same batch count in a list's
+    co-clicks and steps as they would had they come in a batch before it (the same partners, the
+    same scores to rounding, the same reasons); a click later in the batch counts for no list
+    before it."""
     import streams.pipeline
 
     items = [it["item_id"] for it in CATALOG]
@@ -930,7 +931,7 @@ def test_a_list_sees_the_co_clicks_and_steps_of_other_users_clicks_earlier_in_it
                           click("v4", "v", c))
     got = {}
     for name, batches in (("one batch", [[v1, v2, v3, u1, v4]]), ("v first", [[v1, v2, v3], [u1, v4]])):
-        p = make_pipeline(signals_off="text,popularity")
+        p = make_pipeline(signals_off="text,popularity", fresh_behaviour=True)
         run_catalog(p, msgs(CATALOG, "catalog"))
         run_events(p, msgs(crowd))
         for batch in batches:
