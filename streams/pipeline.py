@@ -310,8 +310,8 @@ class _Row:
 class _Summed:
     """One list's behaviour scores: per partner item (by catalog number, ascending in ``nos``) its
     summed score over the list's sources (``parts``: each source's position, row and factor, rows
-    scaled by ``scale(position)`` times the factor). Read through :class:`_Sums` and :class:`_From` for the few candidates
-    a list ranks, not built per partner."""
+    scaled by ``scale(position)`` times the factor). Read through :class:`_Sums` and :class:`_From`
+    for the few candidates a list ranks, not built per partner."""
 
     __slots__ = ("nos", "sums", "parts", "scale", "sources", "known", "_nos")
 
@@ -410,14 +410,15 @@ class _Fresh:
     its item's clicks."""
 
     def __init__(self, clicks: Sequence[tuple[int, str, ClickEffect]], size: int, nos: Mapping[str, int]) -> None:
-        self.co: dict[str, list[tuple[int, str, str]]] = {}  # item -> (position, user, partner), by position
-        self.tr: dict[str, list[tuple[int, str, str, float]]] = {}  # item -> (position, user, next item, 1 / gap)
+        # item -> (position, user, partner, raw count), by position: co-clicked items, next-clicked ones
+        self.co: dict[str, list[tuple[int, str, str, float]]] = {}
+        self.tr: dict[str, list[tuple[int, str, str, float]]] = {}
         clicks = sorted(clicks, key=lambda qc: qc[0])
         for q, user, c in clicks:
             for x in dict.fromkeys(c.previous):
                 if x != c.item_id:
-                    self.co.setdefault(x, []).append((q, user, c.item_id))
-                    self.co.setdefault(c.item_id, []).append((q, user, x))
+                    self.co.setdefault(x, []).append((q, user, c.item_id, 1.0))
+                    self.co.setdefault(c.item_id, []).append((q, user, x, 1.0))
             for x, w in transition_weights(c):
                 self.tr.setdefault(x, []).append((q, user, c.item_id, w))
         self.items = list(dict.fromkeys(c.item_id for _, _, c in clicks))  # the items clicked, a row each
@@ -431,10 +432,12 @@ class _Fresh:
         by_no = sorted((nos[item], j) for item, j in self.row.items() if item in nos)
         self.clicked_nos = np.array([no for no, _ in by_no], dtype=np.int64)  # ascending
         self.rows_by_no = np.array([j for _, j in by_no], dtype=np.int64)
-        self.stored = np.zeros(len(self.items))  # the items' clicks in the store (know)
+        self.counts: Mapping[str, float] = {}  # items' clicks in the store (know)
+        self.stored = np.zeros(len(self.items))  # the same, of the clicked items by row
 
     def know(self, counts: Mapping[str, float]) -> None:
-        """The clicked items' clicks as stored before the batch."""
+        """Items' clicks as stored before the batch: the clicked ones and those that :meth:`added` names."""
+        self.counts = counts
         self.stored = np.array([counts.get(item, 0.0) for item in self.items])
 
     def clicks_before(self, item_id: str, position: int) -> float:
@@ -474,14 +477,41 @@ class _Fresh:
         out: list[tuple[int, str, str, float]] = []
         if a.position < 0:
             return out
-        table, user, where = (self.co if kind == "cooccur" else self.tr), a.user_id, a.position
+        table = self.co if kind == "cooccur" else self.tr
         for pos, x in enumerate(sources):
-            for entry in table.get(x, ()):
-                if entry[0] >= where:
+            for q, user, y, w in table.get(x, ()):
+                if q >= a.position:
                     break
-                if entry[1] != user:
-                    out.append((pos, x, entry[2], entry[3] if len(entry) > 3 else 1.0))
+                if user != a.user_id:
+                    out.append((pos, x, y, w))
         return out
+
+    def adjust(self, kind: str, a: "_Answer", sources: list[str], adds: Sequence[tuple[int, str, str, float]]
+               ) -> tuple[dict[int, float], list[tuple[int, dict[str, float]]]]:
+        """For list ``a`` (after :meth:`know`): the factor of each stored row whose source was
+        clicked earlier in the batch, by the source's place, and the scores ``adds``
+        (:meth:`added`) gives each source's partners, as the store will count them."""
+        co, where, counts = kind == "cooccur", a.position, self.counts
+        factors = {pos: f for pos, x in enumerate(sources) if x in self.row and (f := self.grown(where, x, co)) != 1.0}
+        rows: dict[int, dict[str, float]] = {}
+        n_of: dict[str, float] = {}
+        for pos, x, y, w in adds:
+            if (nx := n_of.get(x)) is None:
+                nx = n_of[x] = counts.get(x, 0.0) + self.clicks_before(x, where)
+            if co:
+                # a partner with stored clicks is put over its clicks by then with the stored
+                # scores (regrown), one without over its clicks in the batch
+                ny = counts.get(y, 0.0) or self.clicks_before(y, where)
+                if nx <= 0 or ny <= 0:
+                    continue
+                v = w / math.sqrt(nx * ny)
+            elif nx > 0:
+                v = w / nx
+            else:
+                continue
+            row = rows.setdefault(pos, {})
+            row[y] = row.get(y, 0.0) + v
+        return factors, sorted(rows.items())
 
 
 @dataclass
@@ -708,18 +738,20 @@ class Pipeline:
         flat: list[tuple[RawMessage, _Answer]] = []
         sequences: dict[str, list[tuple[RawMessage, Optional[_Answer]]]] = {}
         shown = {u: prof.shown for u, prof in profiles.items()}
-        position = {id(m): j for j, m in enumerate(batch)}
+        position = {id(m): j for j, m in enumerate(batch)} if self.params.fresh_behaviour else {}
         for u, user_events in by_user.items():
             for (m, _), a in zip(user_events, self._apply_user(profiles[u], user_events, items, query_vectors, out),
                                  strict=True):
                 sequences.setdefault(u, []).append((m, a))
                 if a is not None:
                     a.duplicate = a.duplicate or m.offset <= published.get(source_of(m), -1)
-                    a.position = position[id(m)]
+                    a.position = position.get(id(m), -1)
                     flat.append((m, a))
-        clicker = {(source_of(m), m.offset): (position[id(m)], e.user_id) for m, e in valid}
-        fresh = _Fresh([(*clicker[src, offset], c) for src, offset, c in out.effects.clicks], len(batch),
-                       {c.item_id: c.no for c in items.values()}) if self.params.fresh_behaviour else None
+        fresh: Optional[_Fresh] = None
+        if self.params.fresh_behaviour:
+            clicker = {(source_of(m), m.offset): (position[id(m)], e.user_id) for m, e in valid}
+            fresh = _Fresh([(*clicker[src, offset], c) for src, offset, c in out.effects.clicks], len(batch),
+                           {c.item_id: c.no for c in items.values()})
         self._look_ahead({**profiles, **{w.profile.user_id: w.profile for w in out.writes}})  # a forget makes a new one
         # Lists see popularity, co-clicks, steps and the ranker's weights as they were before this
         # batch (with ``fresh_behaviour``, co-clicks and steps with the batch's earlier clicks:
@@ -1313,12 +1345,13 @@ class Pipeline:
 
     async def _behaviour_read(self, answers: Sequence[_Answer], kinds: Sequence[str], fresh: Optional[_Fresh] = None
                               ) -> tuple[dict[str, tuple[dict[int, list[str]], dict[str, tuple[list[str], np.ndarray]],
-                                                         dict[int, list[tuple[int, dict[str, float]]]]]],
+                                                         dict[int, list[tuple[int, dict[str, float]]]],
+                                                         dict[int, dict[int, float]]]],
                                          dict[str, Candidate]]:
         """What :meth:`_behaviour_candidates` needs from the stores, for each of ``kinds``: per
         personalised list its sources (the user's last clicks, newest first), their partners, and
-        what the batch's earlier clicks add to each source's partners (``fresh``: per list, each
-        source's place and its added partners' scores); and the items of all of them, fetched
+        with ``fresh`` what the batch's earlier clicks add to each source's partners and the
+        factors of the stored rows (:meth:`_Fresh.adjust`); and the items of all of them, fetched
         once for every kind."""
         p = self.params
         sources: dict[str, dict[int, list[str]]] = {}
@@ -1336,47 +1369,23 @@ class Pipeline:
             read = self.profiles.cooccurring_arrays if co else self.profiles.transitions_arrays
             reads.append(read(all_sources, p.cooccur_fanout if co else p.transition_fanout) if all_sources
                          else _nothing())
-        named = list(dict.fromkeys([*(fresh.items if fresh is not None and raw else ()),
-                                    *(z for got in raw.values() for adds in got.values() for _, x, y, _ in adds
-                                      for z in (x, y))]))
-        at = max(a.event_time for a in answers)
-        *got, clicks = await together(*reads, self.profiles.item_clicks(named, at) if named else _nothing())
-        partners = dict(zip(kinds, got, strict=True))
         added: dict[str, dict[int, list[tuple[int, dict[str, float]]]]] = {kind: {} for kind in kinds}
         grown: dict[str, dict[int, dict[int, float]]] = {kind: {} for kind in kinds}
-        if fresh is not None:
+        if fresh is None:
+            partners = dict(zip(kinds, await together(*reads), strict=True))
+        else:  # the stored clicks of the batch's clicked items and of the items added partners name
+            named = list(dict.fromkeys([*fresh.items, *(z for got in raw.values() for adds in got.values()
+                                                         for _, x, y, _ in adds for z in (x, y))]))
+            *got, clicks = await together(*reads, self.profiles.item_clicks(named, max(a.event_time for a in answers)))
+            partners = dict(zip(kinds, got, strict=True))
             fresh.know(clicks)
-        for kind in (raw if fresh is not None else ()):
-            co = kind == "cooccur"
-            for i, xs in sources[kind].items():
-                # the stored scores of sources (and co-clicked partners) clicked earlier in the batch
-                # are over fewer clicks than the store will count by then
-                where = answers[i].position
-                rows = {pos: f for pos, x in enumerate(xs) if x in fresh.row and (f := fresh.grown(where, x, co)) != 1.0}
-                if rows:
-                    grown[kind][i] = rows
-        for kind, by_list in raw.items():
-            for i, adds in by_list.items():
-                where = answers[i].position
-                rows: dict[int, dict[str, float]] = {}
-                n_of: dict[str, float] = {}
-                for pos, x, y, w in adds:
-                    if (nx := n_of.get(x)) is None:
-                        nx = n_of[x] = clicks.get(x, 0.0) + fresh.clicks_before(x, where)
-                    if kind == "cooccur":
-                        # a partner with stored clicks is put over its clicks by then with the stored
-                        # scores (_Fresh.regrown), one without over its clicks in the batch
-                        ny = clicks.get(y, 0.0) or fresh.clicks_before(y, where)
-                        if nx <= 0 or ny <= 0:
-                            continue
-                        v = w / math.sqrt(nx * ny)
-                    elif nx > 0:
-                        v = w / nx
-                    else:
-                        continue
-                    row = rows.setdefault(pos, {})
-                    row[y] = row.get(y, 0.0) + v
-                added[kind][i] = sorted(rows.items())
+            for kind in kinds:
+                for i, xs in sources[kind].items():
+                    factors, rows = fresh.adjust(kind, answers[i], xs, raw[kind].get(i, ()))
+                    if factors:
+                        grown[kind][i] = factors
+                    if rows:
+                        added[kind][i] = rows
         known = await self.fetch_items([*(x for kind in kinds for xs in sources[kind].values() for x in xs),
                                         *(y for kind in kinds for ys, _ in partners[kind].values() for y in ys),
                                         *(y for kind in kinds for rows in added[kind].values() for _, row in rows
@@ -1412,7 +1421,7 @@ class Pipeline:
                 table[x] = _Row(nos_, vals)
         scale: Callable[[int], float] = (lambda pos: 1.0) if co else (lambda pos: 1.0 / (pos + 1))
         ids_by_no: Optional[dict[int, str]] = None
-        lists: list[tuple[int, list[str], list[tuple[int, _Row]]]] = []
+        lists: list[tuple[int, list[str], list[tuple[int, _Row, float]]]] = []
         for i, xs in sources.items():
             rescaled = grown.get(i, {})
             parts = [(pos, table[x], rescaled.get(pos, 1.0)) for pos, x in enumerate(xs) if x in table]
